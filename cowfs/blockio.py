@@ -1,0 +1,360 @@
+"""The one narrow interface through which the engine touches pool files.
+
+Everything the engine reads, writes, syncs or allocates in the pool directory
+goes through a :class:`Storage` and the :class:`PoolFile` objects it opens.
+Two implementations live here:
+
+* :class:`OsStorage` -- the real thing, ``os.pread``/``os.pwrite`` on files in
+  a directory, ``fdatasync`` for durability, ``posix_fallocate`` to reserve
+  space so that ENOSPC surfaces when space is reserved, not in the middle of a
+  metadata commit.
+* :class:`SimStorage` -- an in-memory pool used by the crash simulator.  It
+  records every write and sync in order and can build the pool as a power cut
+  would leave it after any prefix of that history (:meth:`SimStorage.crash`).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from .errors import PoolError
+
+PAGE = 4096  # granularity at which a power cut may keep or lose unsynced bytes
+
+
+class PoolFile(Protocol):
+    """An open pool file.  Offsets and lengths are in bytes."""
+
+    name: str
+
+    def pread(self, length: int, offset: int) -> bytes:
+        """Return exactly ``length`` bytes; bytes past the end read as zeros."""
+
+    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        """Write all of ``data`` at ``offset`` or raise ``OSError``."""
+
+    def sync(self) -> None:
+        """Make every completed write to this file durable (fdatasync)."""
+
+    def size(self) -> int:
+        """Current length of the file."""
+
+    def allocate(self, size: int) -> None:
+        """Grow the file to at least ``size`` bytes with the space reserved on
+        the file system underneath; raise ``OSError(ENOSPC)`` if it is full."""
+
+    def close(self) -> None:
+        """Release the file handle."""
+
+
+class Storage(Protocol):
+    """A pool directory: a flat set of named files."""
+
+    def open(self, name: str, create: bool = False) -> PoolFile:
+        """Open file ``name``; with ``create`` make it if missing."""
+
+    def exists(self, name: str) -> bool:
+        """Whether file ``name`` exists."""
+
+    def names(self) -> list[str]:
+        """Names of every entry in the pool directory."""
+
+    def sync_dir(self) -> None:
+        """Make file creations durable (fsync of the directory)."""
+
+    def space(self) -> tuple[int, int]:
+        """``(total, available)`` bytes of the file system under the pool."""
+
+    def lock(self) -> None:
+        """Take the pool's exclusive lock or raise PoolError(EBUSY)."""
+
+    def unlock(self) -> None:
+        """Drop the lock taken by :meth:`lock`."""
+
+    @property
+    def label(self) -> str:
+        """Human name of the pool for messages (its directory path)."""
+
+
+# ----------------------------------------------------------------------------
+# Real files
+
+
+class OsFile:
+    """A pool file backed by an OS file descriptor."""
+
+    def __init__(self, path: str, name: str, create: bool) -> None:
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        self.fd = os.open(path, flags, 0o600)
+        self.name = name
+
+    def pread(self, length: int, offset: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) < length:
+            # Short read: either EOF (pad with zeros) or an interrupted read.
+            while len(data) < length:
+                more = os.pread(self.fd, length - len(data), offset + len(data))
+                if not more:
+                    return data + bytes(length - len(data))
+                data += more
+        return data
+
+    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        done = os.pwrite(self.fd, data, offset)
+        while done < len(data):
+            n = os.pwrite(self.fd, memoryview(data)[done:], offset + done)
+            if n == 0:
+                raise OSError(errno.EIO, f"short write to {self.name}")
+            done += n
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def allocate(self, size: int) -> None:
+        cur = self.size()
+        if size > cur:
+            os.posix_fallocate(self.fd, cur, size - cur)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class OsStorage:
+    """The pool directory on the host file system."""
+
+    LOCK_NAME = "lock"
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        self._lock_fd = -1
+
+    @property
+    def label(self) -> str:
+        return self.path
+
+    def open(self, name: str, create: bool = False) -> OsFile:
+        return OsFile(os.path.join(self.path, name), name, create)
+
+    def exists(self, name: str) -> bool:
+        return os.path.exists(os.path.join(self.path, name))
+
+    def names(self) -> list[str]:
+        return sorted(os.listdir(self.path))
+
+    def sync_dir(self) -> None:
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def space(self) -> tuple[int, int]:
+        st = os.statvfs(self.path)
+        return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
+    def lock(self) -> None:
+        path = os.path.join(self.path, self.LOCK_NAME)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise PoolError(
+                errno.EBUSY,
+                f"pool {self.path} is already in use (mounted by process {holder}); "
+                "unmount it first",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+# ----------------------------------------------------------------------------
+# Crash simulator
+
+
+@dataclass
+class _SimFileState:
+    data: bytearray = field(default_factory=bytearray)
+
+
+class SimFile:
+    """An in-memory pool file whose every write and sync is logged."""
+
+    def __init__(self, storage: "SimStorage", name: str) -> None:
+        self._st = storage
+        self.name = name
+
+    @property
+    def _data(self) -> bytearray:
+        return self._st.files[self.name].data
+
+    def pread(self, length: int, offset: int) -> bytes:
+        self._st.hook("read", self.name, offset, length)
+        chunk = bytes(self._data[offset : offset + length])
+        return chunk + bytes(length - len(chunk))
+
+    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        data = bytes(data)
+        self._st.hook("write", self.name, offset, len(data))
+        buf = self._data
+        end = offset + len(data)
+        if end > len(buf):
+            buf.extend(bytes(end - len(buf)))
+        buf[offset:end] = data
+        self._st.log.append(("write", self.name, offset, data))
+
+    def sync(self) -> None:
+        self._st.hook("sync", self.name, 0, 0)
+        self._st.log.append(("sync", self.name, 0, b""))
+
+    def size(self) -> int:
+        return len(self._data)
+
+    def allocate(self, size: int) -> None:
+        self._st.hook("allocate", self.name, 0, size)
+        buf = self._data
+        if size > self._st.capacity_left() + len(buf):
+            raise OSError(errno.ENOSPC, f"no space to grow {self.name}")
+        if size > len(buf):
+            buf.extend(bytes(size - len(buf)))
+            # Space reservation is treated as durable at once, like a
+            # journaled metadata change of the host file system.
+            self._st.log.append(("allocate", self.name, size, b""))
+
+    def close(self) -> None:
+        pass
+
+
+class SimStorage:
+    """An in-memory pool directory for crash and fault tests.
+
+    ``log`` holds every mutating event in order: ``("write", name, offset,
+    data)``, ``("sync", name, 0, b"")`` and ``("allocate", name, size, b"")``.
+    ``hook`` (if set) is called before every I/O as ``hook(op, name, offset,
+    length)`` and may raise ``OSError`` to inject a fault.  ``capacity`` bounds
+    the total bytes of all files, to simulate a full file system.
+    """
+
+    def __init__(self, capacity: int = 1 << 40, label: str = "sim-pool") -> None:
+        self.files: dict[str, _SimFileState] = {}
+        self.log: list[tuple[str, str, int, bytes]] = []
+        self.capacity = capacity
+        self._label = label
+        self._locked = False
+        self.fault: Callable[[str, str, int, int], None] | None = None
+
+    @property
+    def label(self) -> str:
+        return self._label
+
+    def hook(self, op: str, name: str, offset: int, length: int) -> None:
+        if self.fault is not None:
+            self.fault(op, name, offset, length)
+
+    def used(self) -> int:
+        return sum(len(f.data) for f in self.files.values())
+
+    def capacity_left(self) -> int:
+        return max(0, self.capacity - self.used())
+
+    def open(self, name: str, create: bool = False) -> SimFile:
+        if name not in self.files:
+            if not create:
+                raise FileNotFoundError(errno.ENOENT, f"no file {name}")
+            self.files[name] = _SimFileState()
+            self.log.append(("create", name, 0, b""))
+        return SimFile(self, name)
+
+    def exists(self, name: str) -> bool:
+        return name in self.files
+
+    def names(self) -> list[str]:
+        return sorted(self.files)
+
+    def sync_dir(self) -> None:
+        pass
+
+    def space(self) -> tuple[int, int]:
+        return self.capacity, self.capacity_left()
+
+    def lock(self) -> None:
+        if self._locked:
+            raise PoolError(errno.EBUSY, f"pool {self.label} is already in use")
+        self._locked = True
+
+    def unlock(self) -> None:
+        self._locked = False
+
+    # -- power cuts ---------------------------------------------------------
+
+    def crash(self, point: int, mode: str = "lose", rng: random.Random | None = None) -> "SimStorage":
+        """Build the pool as a power cut after ``log[:point]`` would leave it.
+
+        Writes followed (before ``point``) by a sync of the same file are kept.
+        Unsynced writes are all lost (``mode="lose"``), all kept in order
+        (``"keep"``), or (``"random"``) each 4 KiB-aligned piece of each is
+        kept or lost at random and the kept pieces land in a random order.
+        """
+        rng = rng or random.Random(point)
+        events = self.log[:point]
+        last_sync: dict[str, int] = {}
+        for i, (op, name, _, _) in enumerate(events):
+            if op == "sync":
+                last_sync[name] = i
+        out = SimStorage(self.capacity, self._label)
+        pending: list[tuple[str, int, bytes]] = []
+        for i, (op, name, offset, data) in enumerate(events):
+            if op == "create":
+                out.files.setdefault(name, _SimFileState())
+            elif op == "allocate":
+                buf = out.files[name].data
+                if offset > len(buf):
+                    buf.extend(bytes(offset - len(buf)))
+            elif op == "write":
+                if i < last_sync.get(name, -1):
+                    _apply(out.files[name].data, offset, data)
+                else:
+                    pending.append((name, offset, data))
+        if mode == "keep":
+            for name, offset, data in pending:
+                _apply(out.files[name].data, offset, data)
+        elif mode == "random":
+            pieces: list[tuple[str, int, bytes]] = []
+            for name, offset, data in pending:
+                pos = offset
+                end = offset + len(data)
+                while pos < end:
+                    cut = min(end, (pos // PAGE + 1) * PAGE)
+                    pieces.append((name, pos, data[pos - offset : cut - offset]))
+                    pos = cut
+            rng.shuffle(pieces)
+            for name, offset, data in pieces:
+                if rng.random() < 0.5:
+                    _apply(out.files[name].data, offset, data)
+        elif mode != "lose":
+            raise ValueError(f"unknown crash mode {mode!r}")
+        return out
+
+
+def _apply(buf: bytearray, offset: int, data: bytes) -> None:
+    end = offset + len(data)
+    if end > len(buf):
+        buf.extend(bytes(end - len(buf)))
+    buf[offset:end] = data

@@ -1,0 +1,1086 @@
+"""The pool: block volumes over copy-on-write extent trees, with a journal.
+
+Life of a write (see README "On-disk format"):
+
+1. The new blocks go to *fresh* data units (never over a unit any tree or any
+   durable structure may still reference), checksummed, lz4-compressed when
+   that saves space.
+2. The volume's tree is updated in memory (copy-on-write, reference counted)
+   and a logical record is buffered in the journal.
+3. :meth:`Pool.sync` (fsync) makes the data durable, then commits the journal
+   group: from then on the write survives any crash.
+4. Every so often a checkpoint writes the dirty tree nodes and reference-count
+   pages to fresh meta units and switches the superblock to them; the journal
+   then starts over.  Mount = newest checkpoint + replay of its journal.
+
+Units freed in memory are not reused until nothing durable refers to them: data
+units after the journal commit that records the free, meta units after the
+next checkpoint.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import struct
+import time
+from array import array
+from dataclasses import dataclass
+import lz4.block
+
+from .blockio import Storage
+from .btree import KEY_END, Entries, NodeStore, Tree
+from .errors import ChecksumError, FormatError, PoolError
+from .format import (BLOCK, DATA_FILE, FLAG_COMPRESSION, JOURNAL_FILE, META_FILE, POOL_FILES,
+                     SECTOR, SECTORS_PER_BLOCK, SUPERBLOCK_FILE, Blob, Superblock, checksum,
+                     new_uuid, unpack_array, FORMAT_VERSION)
+from .journal import (ATTR, CREATE, ONE_ID, R_ATTR, R_CREATE, R_DELETE, R_RENAME, R_TRUNCATE,
+                      R_WRITE, RENAME, TRUNCATE, WRITE, Journal, replay)
+from .spacemap import RESERVED, SYSTEM, RefTable
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Pool", "VolumeInfo", "PoolStats", "BLOCK", "MAX_VOLUME_SIZE", "validate_name"]
+
+MAX_VOLUME_SIZE = 1 << 50            # 1 PiB
+JOURNAL_SIZE = 16 << 20
+COMMIT_INTERVAL = 5.0                # seconds unsynced records may wait (like ext4's commit=5)
+CHECKPOINT_INTERVAL = 30.0
+DIRTY_NODE_LIMIT = 12288             # ~50 MiB of dirty tree nodes before a checkpoint
+JOURNAL_BUFFER_LIMIT = 4 << 20
+META_RESERVE_UNITS = 1024            # free meta units kept so commits never need new space
+HOST_HEADROOM = 32 << 20             # data never takes the last bytes of the host file system
+MIN_GROW_UNITS = 1024                # grow pool files by at least 4 MiB
+ZERO_BLOCK = bytes(BLOCK)
+NAME_MAX = 255
+
+
+@dataclass
+class VolumeInfo:
+    """A copy of one volume's attributes (mutating it changes nothing)."""
+
+    id: int            # stable across remounts; never reused within a pool
+    name: str
+    size: int          # bytes
+    mode: int          # permission bits (S_IFREG is the FUSE layer's business)
+    uid: int
+    gid: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    allocated: int     # bytes of mapped blocks (st_blocks = allocated // 512)
+
+
+@dataclass
+class PoolStats:
+    """Capacity figures for statfs, in bytes."""
+
+    total: int
+    free: int
+    used: int          # bytes of data units in use
+    volumes: int
+
+
+class _Volume:
+    """Mutable in-memory state of a volume."""
+
+    __slots__ = ("id", "name", "size", "root", "mode", "uid", "gid", "atime", "mtime",
+                 "ctime", "mapped", "times_dirty")
+
+    def __init__(self, vid: int, name: str, size: int, mode: int, uid: int, gid: int,
+                 now: int) -> None:
+        self.id, self.name, self.size, self.root = vid, name, size, 0
+        self.mode, self.uid, self.gid = mode, uid, gid
+        self.atime = self.mtime = self.ctime = now
+        self.mapped = 0
+        self.times_dirty = False
+
+    def info(self) -> VolumeInfo:
+        return VolumeInfo(self.id, self.name, self.size, self.mode, self.uid, self.gid,
+                          self.atime, self.mtime, self.ctime, self.mapped * BLOCK)
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "name": self.name, "size": self.size, "root": self.root,
+                "mode": self.mode, "uid": self.uid, "gid": self.gid, "atime": self.atime,
+                "mtime": self.mtime, "ctime": self.ctime, "mapped": self.mapped}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "_Volume":
+        v = cls(d["id"], d["name"], d["size"], d["mode"], d["uid"], d["gid"], 0)
+        v.root, v.atime, v.mtime, v.ctime, v.mapped = (d["root"], d["atime"], d["mtime"],
+                                                        d["ctime"], d["mapped"])
+        return v
+
+
+def validate_name(name: str) -> None:
+    """Refuse a volume name that cannot be a file in the mount root."""
+    if not name or name in (".", ".."):
+        raise PoolError(errno.EINVAL, f"invalid volume name {name!r}")
+    if "/" in name or "\0" in name:
+        raise PoolError(errno.EINVAL, f"volume name {name!r} contains '/' or NUL")
+    if len(os.fsencode(name)) > NAME_MAX:
+        raise PoolError(errno.ENAMETOOLONG,
+                        f"volume name {name[:32]!r}... is longer than {NAME_MAX} bytes")
+    if name.startswith("."):
+        raise PoolError(errno.EINVAL,
+                        f"volume name {name!r} starts with '.', which is reserved for "
+                        "control directories")
+
+
+def _units_of(sector: int, slen: int) -> range:
+    """Data units touched by a stored block."""
+    start = sector * SECTOR
+    return range(start // BLOCK, (start + slen - 1) // BLOCK + 1)
+
+
+class Pool:
+    """An open pool.  Single-threaded: call every method from one thread.
+
+    Every method that refuses raises :class:`PoolError` before changing
+    anything.  If an internal step fails after the point of no return, the pool
+    stops accepting requests (EIO) until it is mounted again, which restores
+    the last durable state.
+    """
+
+    # -- creation and mounting --------------------------------------------------
+
+    def __init__(self, storage: Storage, sb: Superblock) -> None:
+        self.storage = storage
+        self.label = storage.label
+        self.sb = sb
+        self.compress = bool(sb.flags & FLAG_COMPRESSION)
+        self.meta = storage.open(META_FILE)
+        self.data = storage.open(DATA_FILE)
+        self.jfile = storage.open(JOURNAL_FILE)
+        self.journal = Journal(self.jfile, sb.journal_size, sb.gen, self.label)
+        self.drc = RefTable()
+        self.mrc = RefTable()
+        self.store = NodeStore(self._read_meta_unit, self.mrc, self._grow_meta, self.label)
+        self.tree = Tree(self.store, self)
+        self.volumes_by_id: dict[int, _Volume] = {}
+        self.by_name: dict[str, _Volume] = {}
+        self.next_id = 1
+        self.dpages = array("Q")
+        self.dpage_csums = array("Q")
+        self.mpages = array("Q")
+        self.mpage_csums = array("Q")
+        self.blob_units: list[int] = []
+        self.failed: str | None = None
+        self.closed = False
+        self._locked = False
+        self._replaying = False
+        self._data_dirty = False
+        self._first_unsynced = 0.0
+        self._last_checkpoint = time.monotonic()
+
+    @classmethod
+    def mkfs(cls, storage: Storage, *, compression: bool = True, force: bool = False,
+             journal_size: int = JOURNAL_SIZE) -> None:
+        """Create an empty pool in ``storage``.
+
+        Refuses (EEXIST) a directory that already holds a pool or any other
+        file, unless ``force``; with ``force`` the pool files are reset.
+        """
+        names = [n for n in storage.names() if n != "lock"]
+        if not force:
+            if SUPERBLOCK_FILE in names:
+                raise PoolError(errno.EEXIST, f"{storage.label} already holds a cowfs pool; "
+                                "use --force to overwrite it (this destroys its volumes)")
+            if names:
+                shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+                raise PoolError(errno.EEXIST, f"{storage.label} is not empty (holds {shown}); "
+                                "choose an empty directory or use --force")
+        storage.lock()
+        try:
+            for name in POOL_FILES:
+                storage.open(name, create=True).close()
+            storage.sync_dir()
+            jf = storage.open(JOURNAL_FILE)
+            try:
+                jf.allocate(journal_size)
+                # Old records must never replay into the new pool.
+                for off in range(0, journal_size, 1 << 20):
+                    jf.pwrite(bytes(min(1 << 20, journal_size - off)), off)
+                jf.sync()
+            finally:
+                jf.close()
+            sb = Superblock(version=FORMAT_VERSION,
+                            flags=FLAG_COMPRESSION if compression else 0, uuid=new_uuid(),
+                            gen=0, blob_addr=0, blob_len=0, blob_csum=0,
+                            journal_size=journal_size, created_ns=time.time_ns())
+            sbf = storage.open(SUPERBLOCK_FILE)
+            sbf.pwrite(bytes(2 * BLOCK), 0)
+            sbf.sync()
+            sbf.close()
+            pool = cls(storage, sb)
+            pool.mrc.grow(1)
+            pool.mrc.set_marker(0, SYSTEM)   # unit 0 is the null node address
+            pool._grow_meta()
+            pool.checkpoint()
+            pool._close_files()
+        finally:
+            storage.unlock()
+        log.info("created pool %s (compression %s)", storage.label,
+                 "on" if compression else "off")
+
+    @classmethod
+    def open(cls, storage: Storage, *, lock: bool = True) -> "Pool":
+        """Mount: lock the pool, load its newest checkpoint, replay the journal.
+
+        Raises PoolError(EBUSY) if the pool is in use, FormatError with a
+        message naming the pool if it is not a pool, damaged, or of an unknown
+        format version.
+        """
+        if lock:
+            storage.lock()
+        try:
+            pool = cls._load(storage)
+        except BaseException:
+            if lock:
+                storage.unlock()
+            raise
+        pool._locked = lock
+        return pool
+
+    @classmethod
+    def _load(cls, storage: Storage) -> "Pool":
+        label = storage.label
+        names = [n for n in storage.names() if n != "lock"]
+        if SUPERBLOCK_FILE not in names:
+            if not names:
+                raise FormatError(f"{label} is not a cowfs pool (empty directory); "
+                                  "create one with 'cowfs mkfs'")
+            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            raise FormatError(f"{label} is not a cowfs pool (no superblock; holds {shown})")
+        missing = [n for n in POOL_FILES if n not in names]
+        if missing:
+            raise FormatError(f"pool {label} is incomplete: missing {', '.join(missing)}")
+        sbf = storage.open(SUPERBLOCK_FILE)
+        try:
+            raw = sbf.pread(2 * BLOCK, 0)
+        finally:
+            sbf.close()
+        slots = [Superblock.decode(raw[i * BLOCK:(i + 1) * BLOCK], f"pool {label}")
+                 for i in range(2)]
+        valid = [s for s in slots if s is not None]
+        if not valid:
+            raise FormatError(f"{label} is not a usable cowfs pool: both superblock copies "
+                              "are missing or damaged")
+        sb = max(valid, key=lambda s: s.gen)
+        pool = cls(storage, sb)
+        try:
+            pool._load_checkpoint()
+            pool._replay()
+        except BaseException:
+            pool._close_files()
+            raise
+        return pool
+
+    def _load_checkpoint(self) -> None:
+        sb, label = self.sb, self.label
+        meta_units = self.meta.size() // BLOCK
+        nblob = -(-sb.blob_len // BLOCK)
+        if sb.blob_addr + nblob > meta_units or sb.blob_addr == 0:
+            raise FormatError(f"pool {label}: checkpoint {sb.gen} lies outside the meta file "
+                              "(meta file truncated or superblock damaged)")
+        raw = self.meta.pread(sb.blob_len, sb.blob_addr * BLOCK)
+        if checksum(raw) != sb.blob_csum:
+            raise FormatError(f"pool {label}: checkpoint {sb.gen} fails its checksum "
+                              "(meta file damaged)")
+        try:
+            blob = Blob.decode(raw)
+            st = blob.state
+            data_units = st["data_units"]
+            if st["meta_units"] > meta_units or data_units > self.data.size() // BLOCK:
+                raise ValueError("pool files are shorter than the checkpoint says")
+            self.drc.grow(self.data.size() // BLOCK)
+            self.mrc.grow(meta_units)
+            for table, pages, csums, what in (
+                    (self.drc, blob.data_pages, blob.data_page_csums, "data"),
+                    (self.mrc, blob.meta_pages, blob.meta_page_csums, "meta")):
+                for p, (u, c) in enumerate(zip(pages, csums)):
+                    if not u:
+                        continue
+                    img = self.meta.pread(BLOCK, u * BLOCK)
+                    if checksum(img) != c:
+                        raise ValueError(f"{what} reference page {p} fails its checksum")
+                    table.load_page(p, img)
+            for table, key in ((self.drc, "data_overflow"), (self.mrc, "meta_overflow")):
+                for u, c in st[key]:
+                    table.overflow[u] = c
+            self.dpages, self.dpage_csums = blob.data_pages, blob.data_page_csums
+            self.mpages, self.mpage_csums = blob.meta_pages, blob.meta_page_csums
+            self.mrc.set_marker(0, SYSTEM)
+            for u in list(self.dpages) + list(self.mpages):
+                if u:
+                    self.mrc.set_marker(u, SYSTEM)
+            self.blob_units = list(range(sb.blob_addr, sb.blob_addr + nblob))
+            for u in self.blob_units:
+                self.mrc.set_marker(u, SYSTEM)
+            for d in st["volumes"]:
+                v = _Volume.from_json(d)
+                self.volumes_by_id[v.id] = v
+                self.by_name[v.name] = v
+            self.next_id = st["next_id"]
+        except (ValueError, KeyError, TypeError, struct.error) as e:
+            raise FormatError(f"pool {label}: checkpoint {sb.gen} is damaged: {e}") from None
+        self.mrc.dirty_pages.clear()
+        self.drc.dirty_pages.clear()
+
+    def _replay(self) -> None:
+        count = 0
+        self._replaying = True
+        try:
+            for rtype, payload in replay(self.jfile, self.sb.journal_size, self.sb.gen):
+                try:
+                    self._apply_record(rtype, payload)
+                    # A replayed free is durable: a later record may reuse the unit.
+                    self.drc.release_pending()
+                except (PoolError, struct.error, KeyError, ValueError, UnicodeError) as e:
+                    raise FormatError(f"pool {self.label}: journal record {count} of "
+                                      f"checkpoint {self.sb.gen} does not apply: {e}") from None
+                count += 1
+        finally:
+            self._replaying = False
+        # Everything replayed is durable; frees it recorded can be reused.
+        self.drc.release_pending()
+        if count:
+            log.info("pool %s: replayed %d journal records", self.label, count)
+            self.checkpoint()
+
+    def close(self) -> None:
+        """Make everything durable (checkpoint) and release the pool.  Idempotent."""
+        if self.closed:
+            return
+        try:
+            if self.failed is None:
+                self.checkpoint()
+        finally:
+            self.closed = True
+            self._close_files()
+            if self._locked:
+                self.storage.unlock()
+                self._locked = False
+
+    def _close_files(self) -> None:
+        for f in (self.meta, self.data, self.jfile):
+            f.close()
+
+    # -- volumes ----------------------------------------------------------------
+
+    def volumes(self) -> list[VolumeInfo]:
+        """All volumes, by name."""
+        return [self.by_name[n].info() for n in sorted(self.by_name)]
+
+    def lookup(self, name: str) -> VolumeInfo:
+        """The volume called ``name`` (ENOENT if none)."""
+        v = self.by_name.get(name)
+        if v is None:
+            raise PoolError(errno.ENOENT, f"no volume named {name!r} in pool {self.label}")
+        return v.info()
+
+    def get(self, vol_id: int) -> VolumeInfo:
+        """The volume with id ``vol_id`` (ENOENT if it was deleted)."""
+        return self._vol(vol_id).info()
+
+    def _vol(self, vol_id: int) -> _Volume:
+        self._usable()
+        v = self.volumes_by_id.get(vol_id)
+        if v is None:
+            raise PoolError(errno.ENOENT, f"volume {vol_id} no longer exists in pool {self.label}")
+        return v
+
+    def _usable(self) -> None:
+        if self.failed is not None:
+            raise PoolError(errno.EIO, f"pool {self.label} stopped after an internal error "
+                            f"({self.failed}); unmount and mount it again")
+        if self.closed:
+            raise PoolError(errno.EIO, f"pool {self.label} is closed")
+
+    def create_volume(self, name: str, size: int = 0, mode: int = 0o644, uid: int = 0,
+                      gid: int = 0) -> VolumeInfo:
+        """Create an empty (all-zero, unallocated) volume of ``size`` bytes."""
+        self._usable()
+        validate_name(name)
+        self._check_size(name, size)
+        if name in self.by_name:
+            raise PoolError(errno.EEXIST, f"volume {name!r} already exists in pool {self.label}")
+        self._ensure_meta_reserve()
+        vid = self.next_id
+        now = time.time_ns()
+        with self._mutation():
+            self._apply_create(vid, name, size, mode & 0o7777, uid, gid, now)
+            self._log(R_CREATE, CREATE.pack(vid, size, mode & 0o7777, uid, gid, now)
+                      + os.fsencode(name))
+        log.info("pool %s: created volume %s (%d bytes)", self.label, name, size)
+        return self.by_name[name].info()
+
+    def delete_volume(self, vol_id: int) -> None:
+        """Delete a volume and free every block only it referenced."""
+        v = self._vol(vol_id)
+        with self._mutation():
+            self._apply_delete(vol_id)
+            self._log(R_DELETE, ONE_ID.pack(vol_id))
+        log.info("pool %s: deleted volume %s", self.label, v.name)
+
+    def rename_volume(self, vol_id: int, new_name: str) -> None:
+        """Rename a volume; an existing volume of that name is replaced (POSIX rename)."""
+        v = self._vol(vol_id)
+        validate_name(new_name)
+        if new_name == v.name:
+            return
+        target = self.by_name.get(new_name)
+        replaced = target.id if target else 0
+        self._ensure_meta_reserve()
+        with self._mutation():
+            self._apply_rename(vol_id, replaced, new_name)
+            self._log(R_RENAME, RENAME.pack(vol_id, replaced) + os.fsencode(new_name))
+
+    def set_attrs(self, vol_id: int, *, mode: int | None = None, uid: int | None = None,
+                  gid: int | None = None, atime_ns: int | None = None,
+                  mtime_ns: int | None = None) -> VolumeInfo:
+        """Change ownership, permission bits or times of a volume."""
+        v = self._vol(vol_id)
+        self._ensure_meta_reserve()
+        with self._mutation():
+            self._apply_attr(vol_id, v.mode if mode is None else mode & 0o7777,
+                             v.uid if uid is None else uid, v.gid if gid is None else gid,
+                             v.atime if atime_ns is None else atime_ns,
+                             v.mtime if mtime_ns is None else mtime_ns, time.time_ns())
+            self._log_attr(v)
+        return v.info()
+
+    def _check_size(self, name: str, size: int) -> None:
+        if size < 0:
+            raise PoolError(errno.EINVAL, f"volume {name!r}: negative size {size}")
+        if size > MAX_VOLUME_SIZE:
+            raise PoolError(errno.EFBIG, f"volume {name!r}: size {size} exceeds the "
+                            f"{MAX_VOLUME_SIZE >> 40} TiB limit")
+
+    # -- data -------------------------------------------------------------------
+
+    def read(self, vol_id: int, offset: int, length: int) -> bytes:
+        """Bytes ``offset .. offset+length`` of the volume, short at its end.
+
+        Holes read as zeros.  A block whose checksum does not match raises
+        ChecksumError (EIO) and is logged with pool, volume and offset.
+        """
+        v = self._vol(vol_id)
+        if offset < 0 or length < 0:
+            raise PoolError(errno.EINVAL, f"volume {v.name!r}: negative offset or length")
+        end = min(offset + length, v.size)
+        if end <= offset:
+            return b""
+        b0 = offset // BLOCK
+        b1 = (end + BLOCK - 1) // BLOCK
+        out = self._read_blocks(v, b0, b1 - b0)
+        start = offset - b0 * BLOCK
+        return bytes(out[start:start + end - offset])
+
+    def _read_blocks(self, v: _Volume, b0: int, nb: int) -> bytearray:
+        out = bytearray(nb * BLOCK)
+        if not v.root:
+            return out
+        ptrs = self.tree.lookup_range(v.root, b0, nb)
+        pread = self.data.pread
+        i = 0
+        while i < nb:
+            p = ptrs[i]
+            if p is None:
+                i += 1
+                continue
+            sector, csum, slen = p
+            if slen == BLOCK:
+                # Coalesce physically contiguous raw blocks into one read.
+                j = i + 1
+                while j < nb:
+                    q = ptrs[j]
+                    if q is None or q[2] != BLOCK or q[0] != sector + (j - i) * SECTORS_PER_BLOCK:
+                        break
+                    j += 1
+                raw = pread((j - i) * BLOCK, sector * SECTOR)
+                mv = memoryview(raw)
+                for k in range(i, j):
+                    part = mv[(k - i) * BLOCK:(k - i + 1) * BLOCK]
+                    if checksum(part) != ptrs[k][1]:
+                        self._bad_block(v, b0 + k, ptrs[k][0])
+                out[i * BLOCK:j * BLOCK] = raw
+                i = j
+                continue
+            raw = pread(slen, sector * SECTOR)
+            if checksum(raw) != csum:
+                self._bad_block(v, b0 + i, sector)
+            try:
+                block = lz4.block.decompress(raw, uncompressed_size=BLOCK)
+            except lz4.block.LZ4BlockError:
+                self._bad_block(v, b0 + i, sector)
+            out[i * BLOCK:(i + 1) * BLOCK] = block
+            i += 1
+        return out
+
+    def _bad_block(self, v: _Volume, block: int, sector: int) -> None:
+        msg = (f"pool {self.label}: volume {v.name!r}: checksum mismatch at offset "
+               f"{block * BLOCK} (data sector {sector}); returning EIO")
+        log.error(msg)
+        raise ChecksumError(msg)
+
+    def write(self, vol_id: int, offset: int, data: bytes | memoryview) -> int:
+        """Write ``data`` at ``offset`` (extending the volume if it ends past
+        the end).  Returns the length written.  ENOSPC when the pool is full."""
+        v = self._vol(vol_id)
+        n = len(data)
+        if offset < 0:
+            raise PoolError(errno.EINVAL, f"volume {v.name!r}: negative offset {offset}")
+        if n == 0:
+            return 0
+        end = offset + n
+        if end > MAX_VOLUME_SIZE:
+            raise PoolError(errno.EFBIG, f"volume {v.name!r}: write past the size limit")
+        b0 = offset // BLOCK
+        b1 = (end + BLOCK - 1) // BLOCK
+        mv = memoryview(data).cast("B")
+        head = offset - b0 * BLOCK
+        if head == 0 and end % BLOCK == 0:
+            buf = mv
+        else:
+            buf = bytearray((b1 - b0) * BLOCK)
+            if head:
+                buf[:BLOCK] = self._read_blocks(v, b0, 1)
+            if end % BLOCK and (b1 - 1 > b0 or not head):
+                buf[-BLOCK:] = self._read_blocks(v, b1 - 1, 1)
+            buf[head:head + n] = mv
+            buf = memoryview(buf)
+        self._write_blocks(v, b0, buf, max(v.size, end))
+        return n
+
+    def _write_blocks(self, v: _Volume, b0: int, buf: memoryview, new_size: int) -> None:
+        """Store whole blocks starting at block ``b0`` and map them."""
+        nb = len(buf) // BLOCK
+        self._ensure_meta_reserve()
+        stored: list[bytes | memoryview | None] = []
+        slens = array("H", bytes(2 * nb))
+        total_sectors = 0
+        compress = self.compress and nb > 1
+        for i in range(nb):
+            blk = buf[i * BLOCK:(i + 1) * BLOCK]
+            if blk == ZERO_BLOCK:
+                stored.append(None)
+                continue
+            if compress:
+                c = lz4.block.compress(blk, store_size=False)
+                if len(c) <= BLOCK - SECTOR:
+                    blk = c
+            stored.append(blk)
+            slens[i] = len(blk)
+            total_sectors += -(-len(blk) // SECTOR)
+        addrs = array("Q", bytes(8 * nb))
+        csums = array("Q", bytes(8 * nb))
+        if total_sectors:
+            self._store(stored, slens, addrs, csums, total_sectors)
+        with self._mutation():
+            self._apply_write(v.id, b0, nb, addrs, csums, slens, new_size)
+            self._log(R_WRITE, WRITE.pack(v.id, b0, nb) + struct.pack("<Q", new_size)
+                      + addrs.tobytes() + csums.tobytes() + slens.tobytes())
+        v.mtime = v.ctime = time.time_ns()
+        v.times_dirty = True
+        self._after_change()
+
+    def _store(self, stored: list, slens: array, addrs: array, csums: array,
+               total_sectors: int) -> None:
+        """Write stored blocks to fresh, RESERVED data units; fill addrs/csums."""
+        units = -(-total_sectors // SECTORS_PER_BLOCK)
+        start = self._alloc_data(units)
+        writes: list[tuple[int, bytes | memoryview]] = []
+        reserved: list[int] = []
+        if start >= 0:
+            reserved = list(range(start, start + units))
+            sector = start * SECTORS_PER_BLOCK
+            parts = []
+            for i, blk in enumerate(stored):
+                if blk is None:
+                    continue
+                addrs[i] = sector
+                csums[i] = checksum(blk)
+                pad = (-len(blk)) % SECTOR
+                parts.append(blk)
+                if pad:
+                    parts.append(bytes(pad))
+                sector += (len(blk) + pad) // SECTOR
+            payload = parts[0] if len(parts) == 1 else b"".join(parts)
+            writes.append((start * BLOCK, payload))
+        else:
+            # No contiguous run: one unit per block.
+            try:
+                for i, blk in enumerate(stored):
+                    if blk is None:
+                        continue
+                    u = self._alloc_data(1)
+                    if u < 0:
+                        raise PoolError(errno.ENOSPC, f"pool {self.label} is full")
+                    reserved.append(u)
+                    addrs[i] = u * SECTORS_PER_BLOCK
+                    csums[i] = checksum(blk)
+                    writes.append((u * BLOCK, blk))
+            except BaseException:
+                self._unreserve(reserved)
+                raise
+        try:
+            for off, payload in writes:
+                self.data.pwrite(payload, off)
+        except OSError as e:
+            self._unreserve(reserved)
+            raise self._io_error(e, "writing data") from None
+        self._data_dirty = True
+
+    def _unreserve(self, units: list[int]) -> None:
+        for u in units:
+            self.drc.free_marked(u)
+
+    def _alloc_data(self, units: int) -> int:
+        """Start of ``units`` contiguous free data units, now RESERVED; -1 if
+        free space is too fragmented.  ENOSPC if the pool cannot grow."""
+        start = self.drc.find_free(units)
+        if start < 0:
+            try:
+                self._grow_data(units)
+            except PoolError:
+                if units == 1:
+                    raise
+                return -1   # maybe fragmented free units still fit it
+            start = self.drc.find_free(units)
+            if start < 0:
+                return -1
+        self.drc.rc[start:start + units] = bytes([RESERVED]) * units
+        return start
+
+    def _grow_data(self, units: int) -> None:
+        cur = len(self.drc)
+        _, avail = self.storage.space()
+        room = (avail - HOST_HEADROOM) // BLOCK
+        if room < units:
+            raise PoolError(errno.ENOSPC, f"pool {self.label} is full: the file system under "
+                            f"it has {max(avail, 0) >> 20} MiB left, kept in reserve for "
+                            "metadata; delete volumes or add space")
+        want = min(max(units, MIN_GROW_UNITS, min(cur // 8, 65536)), room)
+        try:
+            self.data.allocate((cur + want) * BLOCK)
+        except OSError as e:
+            raise self._io_error(e, "growing the data file") from None
+        self.drc.grow(cur + want)
+
+    def _grow_meta(self) -> None:
+        cur = len(self.mrc)
+        want = max(MIN_GROW_UNITS, min(cur // 8, 16384))
+        try:
+            self.meta.allocate((cur + want) * BLOCK)
+        except OSError as e:
+            raise self._io_error(e, "growing the meta file") from None
+        self.mrc.grow(cur + want)
+
+    def _ensure_meta_reserve(self) -> None:
+        """Keep enough free meta units that commits and deletes never need new
+        space; refuses (ENOSPC) before any change when it cannot."""
+        need = (META_RESERVE_UNITS + len(self.drc.dirty_pages) + len(self.mrc.dirty_pages)
+                + len(self.store.dirty) // 64)
+        if self.mrc.free_units() < need:
+            self._grow_meta()
+
+    def _io_error(self, e: OSError, doing: str) -> PoolError:
+        if e.errno == errno.ENOSPC:
+            return PoolError(errno.ENOSPC, f"pool {self.label} is full ({doing}): "
+                             "the file system under it has no space left")
+        log.error("pool %s: I/O error %s", self.label, doing, exc_info=e)
+        return PoolError(errno.EIO, f"pool {self.label}: I/O error {doing}: {e.strerror}")
+
+    def truncate(self, vol_id: int, size: int) -> None:
+        """Set a volume's size; blocks past a shrunk end are freed, a grown
+        part reads as zeros."""
+        v = self._vol(vol_id)
+        self._check_size(v.name, size)
+        if size == v.size:
+            return
+        self._ensure_meta_reserve()
+        tail = (0, 0, 0)
+        has_tail = 0
+        if size < v.size and size % BLOCK:
+            # The new last block keeps its head and loses its tail, in the same
+            # record as the size change, so a later grow reads zeros there.
+            b = size // BLOCK
+            blk = self._read_blocks(v, b, 1)
+            cut = size - b * BLOCK
+            if any(blk[cut:]):
+                blk[cut:] = bytes(BLOCK - cut)
+                has_tail = 1
+                if any(blk):
+                    addrs, csums = array("Q", [0]), array("Q", [0])
+                    slens = array("H", [BLOCK])
+                    self._store([blk], slens, addrs, csums, SECTORS_PER_BLOCK)
+                    tail = (addrs[0], csums[0], BLOCK)
+        with self._mutation():
+            self._apply_truncate(vol_id, size, has_tail, *tail)
+            self._log(R_TRUNCATE, TRUNCATE.pack(vol_id, size, has_tail, *tail))
+        v.mtime = v.ctime = time.time_ns()
+        v.times_dirty = True
+        self._after_change()
+
+    # -- durability ---------------------------------------------------------------
+
+    def sync(self) -> None:
+        """Return once everything written so far is durable (fsync)."""
+        self._usable()
+        self._flush_times()
+        if not self.journal.buf:
+            return
+        if self._data_dirty:
+            try:
+                self.data.sync()
+            except OSError as e:
+                raise self._io_error(e, "syncing data") from None
+            self._data_dirty = False
+        try:
+            self.journal.commit()
+        except OSError as e:
+            raise self._io_error(e, "committing the journal") from None
+        # The frees those records describe are now durable: reuse is safe.
+        self.drc.release_pending()
+        if self._checkpoint_due():
+            self.checkpoint()
+
+    def tick(self) -> None:
+        """Housekeeping, called about once a second: commit records older than
+        the commit interval, checkpoint when due."""
+        if self.failed is not None or self.closed:
+            return
+        try:
+            if self.journal.buf and time.monotonic() - self._first_unsynced > COMMIT_INTERVAL:
+                self.sync()
+            elif self._checkpoint_due() or (
+                    time.monotonic() - self._last_checkpoint > CHECKPOINT_INTERVAL
+                    and (self.store.dirty or self.journal.used())):
+                self.checkpoint()
+        except PoolError as e:
+            log.warning("pool %s: background commit failed: %s", self.label, e)
+
+    def _checkpoint_due(self) -> bool:
+        return (len(self.store.dirty) > DIRTY_NODE_LIMIT
+                or self.journal.used() > self.journal.size * 3 // 4)
+
+    def _after_change(self) -> None:
+        if len(self.journal.buf) > JOURNAL_BUFFER_LIMIT:
+            self.sync()
+        elif len(self.store.dirty) > DIRTY_NODE_LIMIT:
+            self.checkpoint()
+
+    def _flush_times(self) -> None:
+        for v in self.volumes_by_id.values():
+            if v.times_dirty:
+                self._log_attr(v)
+
+    def _log_attr(self, v: _Volume) -> None:
+        v.times_dirty = False
+        self._log(R_ATTR, ATTR.pack(v.id, v.mode, v.uid, v.gid, v.atime, v.mtime, v.ctime))
+
+    def _log(self, rtype: int, payload: bytes) -> None:
+        """Journal a change already applied in memory."""
+        if self._replaying:
+            return
+        if not self.journal.buf:
+            self._first_unsynced = time.monotonic()
+        if not self.journal.fits(len(payload)):
+            # The checkpoint captures the change itself; no record needed.
+            self.checkpoint()
+            return
+        self.journal.append(rtype, payload)
+
+    def checkpoint(self) -> None:
+        """Write all dirty metadata to fresh units and switch the superblock
+        to it; the journal then starts over.  Everything is durable after."""
+        self._usable()
+        try:
+            self._checkpoint()
+        except BaseException as e:
+            self._fail(e)
+            if isinstance(e, OSError):
+                raise self._io_error(e, "writing a checkpoint") from None
+            raise
+
+    def _checkpoint(self) -> None:
+        for v in self.volumes_by_id.values():
+            v.times_dirty = False
+        if self._data_dirty:
+            self.data.sync()
+            self._data_dirty = False
+        gen = self.sb.gen + 1
+        self.store.flush(self._write_meta_unit, gen)
+        retired: list[int] = []
+        for table, pages, csums in ((self.drc, self.dpages, self.dpage_csums),
+                                    (self.mrc, self.mpages, self.mpage_csums)):
+            dirty = sorted(table.dirty_pages)
+            table.dirty_pages.clear()
+            for p in dirty:
+                img = table.page_image(p)
+                while len(pages) <= p:
+                    pages.append(0)
+                    csums.append(0)
+                if pages[p]:
+                    retired.append(pages[p])
+                if RefTable.is_zero_page(img):
+                    pages[p] = csums[p] = 0
+                    continue
+                u = self._alloc_system(1)
+                self._write_meta_unit(u, img)
+                pages[p], csums[p] = u, checksum(img)
+        state = {
+            "next_id": self.next_id,
+            "data_units": len(self.drc),
+            "meta_units": len(self.mrc),
+            "volumes": [v.to_json() for v in self.volumes_by_id.values()],
+            "data_overflow": self.drc.overflow_items(),
+            "meta_overflow": self.mrc.overflow_items(),
+        }
+        raw = Blob(state, self.dpages, self.dpage_csums, self.mpages, self.mpage_csums).encode()
+        nunits = -(-len(raw) // BLOCK)
+        start = self._alloc_system(nunits)
+        self.meta.pwrite(raw + bytes(nunits * BLOCK - len(raw)), start * BLOCK)
+        self.meta.sync()
+        sb = Superblock(version=self.sb.version, flags=self.sb.flags, uuid=self.sb.uuid,
+                        gen=gen, blob_addr=start, blob_len=len(raw), blob_csum=checksum(raw),
+                        journal_size=self.sb.journal_size, created_ns=self.sb.created_ns)
+        sbf = self.storage.open(SUPERBLOCK_FILE)
+        try:
+            sbf.pwrite(sb.encode(), (gen % 2) * BLOCK)
+            sbf.sync()
+        finally:
+            sbf.close()
+        # Committed.  What only the previous checkpoint used is free now.
+        self.sb = sb
+        for u in retired + self.blob_units:
+            self.mrc.free_marked(u)
+        self.blob_units = list(range(start, start + nunits))
+        self.drc.release_pending()
+        self.mrc.release_pending()
+        self.journal.reset(gen)
+        self._last_checkpoint = time.monotonic()
+
+    def _alloc_system(self, n: int) -> int:
+        start = self.mrc.find_free(n)
+        if start < 0:
+            self._grow_meta()
+            start = self.mrc.find_free(n)
+        for u in range(start, start + n):
+            self.mrc.set_marker(u, SYSTEM)
+        return start
+
+    def _read_meta_unit(self, addr: int) -> bytes:
+        try:
+            return self.meta.pread(BLOCK, addr * BLOCK)
+        except OSError as e:
+            raise self._io_error(e, f"reading meta unit {addr}") from None
+
+    def _write_meta_unit(self, addr: int, data: bytes) -> None:
+        self.meta.pwrite(data, addr * BLOCK)
+
+    # -- failure handling -------------------------------------------------------------
+
+    def _fail(self, e: BaseException) -> None:
+        if self.failed is None:
+            self.failed = f"{type(e).__name__}: {e}"
+            log.error("pool %s: stopping after an internal error: %s", self.label,
+                      self.failed, exc_info=e)
+
+    class _Mutation:
+        def __init__(self, pool: "Pool") -> None:
+            self.pool = pool
+
+        def __enter__(self) -> None:
+            return None
+
+        def __exit__(self, et, e, tb) -> bool:
+            if e is not None and not self.pool._replaying:
+                self.pool._fail(e)
+                if not isinstance(e, PoolError) or e.errno != errno.EIO:
+                    raise PoolError(errno.EIO, f"pool {self.pool.label}: internal error: {e}") from e
+            return False
+
+    def _mutation(self) -> "Pool._Mutation":
+        """Context for in-memory changes: a failure inside leaves the pool
+        stopped (remount restores the durable state)."""
+        return Pool._Mutation(self)
+
+    # -- changes, shared by live operations and journal replay -------------------------
+
+    def _apply_record(self, rtype: int, p: bytes) -> None:
+        if rtype == R_WRITE:
+            vid, b0, nb = WRITE.unpack_from(p)
+            (new_size,) = struct.unpack_from("<Q", p, WRITE.size)
+            o = WRITE.size + 8
+            addrs = unpack_array("Q", p[o:o + 8 * nb])
+            csums = unpack_array("Q", p[o + 8 * nb:o + 16 * nb])
+            slens = unpack_array("H", p[o + 16 * nb:o + 18 * nb])
+            self._apply_write(vid, b0, nb, addrs, csums, slens, new_size)
+        elif rtype == R_CREATE:
+            vid, size, mode, uid, gid, now = CREATE.unpack_from(p)
+            self._apply_create(vid, os.fsdecode(p[CREATE.size:]), size, mode, uid, gid, now)
+        elif rtype == R_DELETE:
+            self._apply_delete(ONE_ID.unpack(p)[0])
+        elif rtype == R_RENAME:
+            vid, replaced = RENAME.unpack_from(p)
+            self._apply_rename(vid, replaced, os.fsdecode(p[RENAME.size:]))
+        elif rtype == R_ATTR:
+            self._apply_attr(*ATTR.unpack(p))
+        elif rtype == R_TRUNCATE:
+            self._apply_truncate(*TRUNCATE.unpack(p))
+        else:
+            raise ValueError(f"unknown record type {rtype}")
+
+    def _known(self, vid: int) -> _Volume:
+        v = self.volumes_by_id.get(vid)
+        if v is None:
+            raise KeyError(f"volume id {vid} does not exist")
+        return v
+
+    def _apply_create(self, vid: int, name: str, size: int, mode: int, uid: int, gid: int,
+                      now: int) -> None:
+        if name in self.by_name or vid in self.volumes_by_id:
+            raise ValueError(f"volume {name!r} / id {vid} exists")
+        v = _Volume(vid, name, size, mode, uid, gid, now)
+        self.volumes_by_id[vid] = v
+        self.by_name[name] = v
+        self.next_id = max(self.next_id, vid + 1)
+
+    def _apply_delete(self, vid: int) -> None:
+        v = self._known(vid)
+        self.tree.drop(v.root)
+        del self.volumes_by_id[vid]
+        del self.by_name[v.name]
+
+    def _apply_rename(self, vid: int, replaced: int, name: str) -> None:
+        v = self._known(vid)
+        if replaced:
+            self._apply_delete(replaced)
+        del self.by_name[v.name]
+        v.name = name
+        self.by_name[name] = v
+
+    def _apply_attr(self, vid: int, mode: int, uid: int, gid: int, atime: int, mtime: int,
+                    ctime: int) -> None:
+        v = self._known(vid)
+        v.mode, v.uid, v.gid, v.atime, v.mtime, v.ctime = mode, uid, gid, atime, mtime, ctime
+
+    def _apply_truncate(self, vid: int, size: int, has_tail: int, sector: int, csum: int,
+                        slen: int) -> None:
+        v = self._known(vid)
+        if has_tail:
+            # Replace the new last block with its zero-tailed copy (or a hole).
+            b = size // BLOCK
+            ent = Entries()
+            if slen:
+                self.take(sector, slen)
+                ent = Entries(array("Q", [b]), array("Q", [sector]), array("Q", [csum]),
+                              array("H", [slen]))
+            v.root = self.tree.replace(v.root, b, b + 1, ent)
+            v.mapped += self.tree.delta
+        if size < v.size:
+            first = -(-size // BLOCK)
+            v.root = self.tree.replace(v.root, first, KEY_END, Entries())
+            v.mapped += self.tree.delta
+        v.size = size
+
+    def _apply_write(self, vid: int, b0: int, nb: int, addrs: array, csums: array,
+                     slens: array, new_size: int) -> None:
+        v = self._known(vid)
+        ent = Entries()
+        take = self.take
+        for i in range(nb):
+            s = slens[i]
+            if s:
+                ent.keys.append(b0 + i)
+                ent.addrs.append(addrs[i])
+                ent.csums.append(csums[i])
+                ent.slens.append(s)
+                take(addrs[i], s)
+        v.root = self.tree.replace(v.root, b0, b0 + nb, ent)
+        v.mapped += self.tree.delta
+        v.size = new_size
+
+    # DataRefs for the tree
+    def take(self, sector: int, slen: int) -> None:
+        """A leaf pointer now references this stored block's units."""
+        for u in _units_of(sector, slen):
+            self.drc.incref(u)
+
+    def drop(self, sector: int, slen: int) -> None:
+        """A leaf pointer to this stored block went away."""
+        for u in _units_of(sector, slen):
+            self.drc.decref(u)
+
+    # -- space and consistency -------------------------------------------------------
+
+    def statfs(self) -> PoolStats:
+        """Capacity and free space of the pool (free data units plus what the
+        file system under it can still give, less the metadata reserve)."""
+        total_host, avail = self.storage.space()
+        free_units = self.drc.free_units()
+        used = (len(self.drc) - free_units) * BLOCK
+        free = free_units * BLOCK + max(0, avail - HOST_HEADROOM)
+        return PoolStats(total=used + free, free=free, used=used,
+                         volumes=len(self.volumes_by_id))
+
+    def check(self) -> list[str]:
+        """Recount every reference from the trees and compare with the
+        reference tables: ``[]`` when consistent, else one line per problem."""
+        problems: list[str] = []
+        exp_m: dict[int, int] = {}
+        exp_d: dict[int, int] = {}
+        seen: set[int] = set()
+        data_units = len(self.drc)
+        for v in self.volumes_by_id.values():
+            if v.root:
+                exp_m[v.root] = exp_m.get(v.root, 0) + 1
+            stack = [v.root] if v.root else []
+            while stack:
+                addr = stack.pop()
+                if addr in seen:
+                    continue
+                seen.add(addr)
+                try:
+                    node = self.store.get(addr)
+                except PoolError as e:
+                    problems.append(str(e))
+                    continue
+                if list(node.keys) != sorted(node.keys):
+                    problems.append(f"node {addr}: keys out of order")
+                if node.leaf:
+                    for s, sl in zip(node.addrs, node.slens):
+                        for u in _units_of(s, sl):
+                            if u >= data_units:
+                                problems.append(f"node {addr}: pointer past the data file")
+                            exp_d[u] = exp_d.get(u, 0) + 1
+                else:
+                    for c in node.children:
+                        exp_m[c] = exp_m.get(c, 0) + 1
+                        stack.append(c)
+            mapped = self.tree.count_keys(v.root)
+            if mapped != v.mapped:
+                problems.append(f"volume {v.name}: {v.mapped} blocks counted, {mapped} mapped")
+            if v.root:
+                limit = -(-v.size // BLOCK)
+                for node, _ in self.tree.iter_nodes(v.root):
+                    if node.leaf and len(node.keys) and node.keys[-1] >= limit:
+                        problems.append(f"volume {v.name}: block {node.keys[-1]} mapped past "
+                                        f"its size {v.size}")
+        for what, table, exp in (("meta", self.mrc, exp_m), ("data", self.drc, exp_d)):
+            for u in range(len(table)):
+                have = table.count(u)
+                want = exp.get(u, 0)
+                if have != want:
+                    problems.append(f"{what} unit {u}: reference count {have}, "
+                                    f"{want} references found")
+                elif want and table.rc[u] in (RESERVED, SYSTEM):
+                    problems.append(f"{what} unit {u}: referenced but marked {table.rc[u]}")
+        return problems
+
+    def __repr__(self) -> str:
+        return f"Pool({self.label!r}, {len(self.volumes_by_id)} volumes)"
+
