@@ -564,7 +564,9 @@ class Pool:
         compress = self.compress and nb > 1
         for i in range(nb):
             blk = buf[i * BLOCK:(i + 1) * BLOCK]
-            if blk == ZERO_BLOCK:
+            # memoryview == bytes compares item by item; bytes() then memcmp
+            # is ~10x faster on a zero block, and the first byte rules out most.
+            if blk[0] == 0 and bytes(blk) == ZERO_BLOCK:
                 stored.append(None)
                 continue
             if compress:
