@@ -354,7 +354,7 @@ class Pool:
         if self.closed:
             return
         try:
-            if self.failed is None:
+            if self.failed is None and self._changed_since_checkpoint():
                 self.checkpoint()
         finally:
             self.closed = True
@@ -362,6 +362,11 @@ class Pool:
             if self._locked:
                 self.storage.unlock()
                 self._locked = False
+
+    def _changed_since_checkpoint(self) -> bool:
+        return bool(self.store.dirty or self.journal.used() or self.drc.dirty_pages
+                    or self.mrc.dirty_pages
+                    or any(v.times_dirty for v in self.volumes_by_id.values()))
 
     def _close_files(self) -> None:
         for f in (self.meta, self.data, self.jfile):

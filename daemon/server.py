@@ -77,10 +77,14 @@ def configure_logging(verbosity: int, log_path: str | None = None) -> None:
     messages, 1 adds cowfs debug messages, 2 also libfuse/pyfuse3 debugging.
     """
     handler: logging.Handler
+    # Volume names are bytes from the kernel and need not be UTF-8: write
+    # undecodable ones escaped rather than failing the log record.
     if log_path is None:
-        handler = logging.StreamHandler(sys.stderr)
+        stream = open(sys.stderr.fileno(), "w", encoding="utf-8", errors="backslashreplace",
+                      closefd=False, buffering=1)
+        handler = logging.StreamHandler(stream)
     else:
-        handler = logging.FileHandler(log_path)
+        handler = logging.FileHandler(log_path, errors="backslashreplace")
     level = {-1: logging.WARNING, 0: logging.INFO}.get(max(verbosity, -1), logging.DEBUG)
     logging.basicConfig(level=level, format=LOG_FORMAT, handlers=[handler], force=True)
     if verbosity == 1:
