@@ -53,6 +53,12 @@ def unpack_array(typecode: str, raw: bytes | memoryview) -> array:
     return a
 
 
+def units_of(sector: int, slen: int) -> range:
+    """Data units touched by a block stored at ``sector`` with ``slen`` bytes."""
+    start = sector * SECTOR
+    return range(start // BLOCK, (start + slen - 1) // BLOCK + 1)
+
+
 def checksum(data: bytes | memoryview) -> int:
     """The checksum used everywhere in the format (xxh3, 64 bits)."""
     return xxhash.xxh3_64_intdigest(data)

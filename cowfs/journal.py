@@ -36,6 +36,7 @@ R_DELETE = 2     # vol_id
 R_RENAME = 3     # vol_id, replaced vol_id (0: none), new name
 R_ATTR = 4       # vol_id, mode, uid, gid, atime, mtime, ctime
 R_TRUNCATE = 5   # vol_id, size, has_tail, tail block pointer (sector, csum, slen)
+R_SNAPOP = 7     # JSON: snapshot, delete, rename, restore or clone (cowfs.snapshots)
 R_WRITE = 6      # vol_id, first block, count, size after, then sector/csum/slen arrays (slen 0: hole)
 
 CREATE = struct.Struct("<QQIIIQ")

@@ -21,6 +21,7 @@ next checkpoint.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import struct
@@ -31,17 +32,20 @@ import lz4.block
 
 from .blockio import Storage
 from .btree import KEY_END, Entries, NodeStore, Tree
+from .dataset import Dataset, SnapshotInfo, VolumeInfo, validate_name
 from .errors import ChecksumError, FormatError, PoolError
 from .format import (BLOCK, DATA_FILE, FLAG_COMPRESSION, JOURNAL_FILE, META_FILE, POOL_FILES,
                      SECTOR, SECTORS_PER_BLOCK, SUPERBLOCK_FILE, Blob, Superblock, checksum,
-                     new_uuid, unpack_array, FORMAT_VERSION)
+                     new_uuid, units_of, unpack_array, FORMAT_VERSION)
 from .journal import (ATTR, CREATE, ONE_ID, R_ATTR, R_CREATE, R_DELETE, R_RENAME, R_TRUNCATE,
-                      R_WRITE, RENAME, TRUNCATE, WRITE, Journal, replay)
+                      R_SNAPOP, R_WRITE, RENAME, TRUNCATE, WRITE, Journal, replay)
+from .snapshots import SnapshotOps
 from .spacemap import RESERVED, SYSTEM, RefTable
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Pool", "VolumeInfo", "PoolStats", "BLOCK", "MAX_VOLUME_SIZE", "validate_name"]
+__all__ = ["Pool", "VolumeInfo", "SnapshotInfo", "PoolStats", "BLOCK", "MAX_VOLUME_SIZE",
+           "validate_name"]
 
 MAX_VOLUME_SIZE = 1 << 50            # 1 PiB
 JOURNAL_SIZE = 16 << 20
@@ -53,23 +57,6 @@ META_RESERVE_UNITS = 1024            # free meta units kept so commits never nee
 HOST_HEADROOM = 32 << 20             # data never takes the last bytes of the host file system
 MIN_GROW_UNITS = 1024                # grow pool files by at least 4 MiB
 ZERO_BLOCK = bytes(BLOCK)
-NAME_MAX = 255
-
-
-@dataclass
-class VolumeInfo:
-    """A copy of one volume's attributes (mutating it changes nothing)."""
-
-    id: int            # stable across remounts; never reused within a pool
-    name: str
-    size: int          # bytes
-    mode: int          # permission bits (S_IFREG is the FUSE layer's business)
-    uid: int
-    gid: int
-    atime_ns: int
-    mtime_ns: int
-    ctime_ns: int
-    allocated: int     # bytes of mapped blocks (st_blocks = allocated // 512)
 
 
 @dataclass
@@ -82,59 +69,7 @@ class PoolStats:
     volumes: int
 
 
-class _Volume:
-    """Mutable in-memory state of a volume."""
-
-    __slots__ = ("id", "name", "size", "root", "mode", "uid", "gid", "atime", "mtime",
-                 "ctime", "mapped", "times_dirty")
-
-    def __init__(self, vid: int, name: str, size: int, mode: int, uid: int, gid: int,
-                 now: int) -> None:
-        self.id, self.name, self.size, self.root = vid, name, size, 0
-        self.mode, self.uid, self.gid = mode, uid, gid
-        self.atime = self.mtime = self.ctime = now
-        self.mapped = 0
-        self.times_dirty = False
-
-    def info(self) -> VolumeInfo:
-        return VolumeInfo(self.id, self.name, self.size, self.mode, self.uid, self.gid,
-                          self.atime, self.mtime, self.ctime, self.mapped * BLOCK)
-
-    def to_json(self) -> dict:
-        return {"id": self.id, "name": self.name, "size": self.size, "root": self.root,
-                "mode": self.mode, "uid": self.uid, "gid": self.gid, "atime": self.atime,
-                "mtime": self.mtime, "ctime": self.ctime, "mapped": self.mapped}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "_Volume":
-        v = cls(d["id"], d["name"], d["size"], d["mode"], d["uid"], d["gid"], 0)
-        v.root, v.atime, v.mtime, v.ctime, v.mapped = (d["root"], d["atime"], d["mtime"],
-                                                        d["ctime"], d["mapped"])
-        return v
-
-
-def validate_name(name: str) -> None:
-    """Refuse a volume name that cannot be a file in the mount root."""
-    if not name or name in (".", ".."):
-        raise PoolError(errno.EINVAL, f"invalid volume name {name!r}")
-    if "/" in name or "\0" in name:
-        raise PoolError(errno.EINVAL, f"volume name {name!r} contains '/' or NUL")
-    if len(os.fsencode(name)) > NAME_MAX:
-        raise PoolError(errno.ENAMETOOLONG,
-                        f"volume name {name[:32]!r}... is longer than {NAME_MAX} bytes")
-    if name.startswith("."):
-        raise PoolError(errno.EINVAL,
-                        f"volume name {name!r} starts with '.', which is reserved for "
-                        "control directories")
-
-
-def _units_of(sector: int, slen: int) -> range:
-    """Data units touched by a stored block."""
-    start = sector * SECTOR
-    return range(start // BLOCK, (start + slen - 1) // BLOCK + 1)
-
-
-class Pool:
+class Pool(SnapshotOps):
     """An open pool.  Single-threaded: call every method from one thread.
 
     Every method that refuses raises :class:`PoolError` before changing
@@ -158,8 +93,9 @@ class Pool:
         self.mrc = RefTable()
         self.store = NodeStore(self._read_meta_unit, self.mrc, self._grow_meta, self.label)
         self.tree = Tree(self.store, self)
-        self.volumes_by_id: dict[int, _Volume] = {}
-        self.by_name: dict[str, _Volume] = {}
+        self.datasets: dict[int, Dataset] = {}          # volumes and snapshots
+        self.by_name: dict[str, Dataset] = {}           # volumes
+        self.snaps: dict[tuple[str, str], Dataset] = {}  # (owner, name) -> snapshot
         self.next_id = 1
         self.dpages = array("Q")
         self.dpage_csums = array("Q")
@@ -318,10 +254,8 @@ class Pool:
             self.blob_units = list(range(sb.blob_addr, sb.blob_addr + nblob))
             for u in self.blob_units:
                 self.mrc.set_marker(u, SYSTEM)
-            for d in st["volumes"]:
-                v = _Volume.from_json(d)
-                self.volumes_by_id[v.id] = v
-                self.by_name[v.name] = v
+            for d in st["datasets"]:
+                self._add(Dataset.from_json(d))
             self.next_id = st["next_id"]
         except (ValueError, KeyError, TypeError, struct.error) as e:
             raise FormatError(f"pool {label}: checkpoint {sb.gen} is damaged: {e}") from None
@@ -366,7 +300,7 @@ class Pool:
     def _changed_since_checkpoint(self) -> bool:
         return bool(self.store.dirty or self.journal.used() or self.drc.dirty_pages
                     or self.mrc.dirty_pages
-                    or any(v.times_dirty for v in self.volumes_by_id.values()))
+                    or any(v.times_dirty for v in self.datasets.values()))
 
     def _close_files(self) -> None:
         for f in (self.meta, self.data, self.jfile):
@@ -387,14 +321,39 @@ class Pool:
 
     def get(self, vol_id: int) -> VolumeInfo:
         """The volume with id ``vol_id`` (ENOENT if it was deleted)."""
-        return self._vol(vol_id).info()
+        v = self._dataset(vol_id)
+        if v.is_snapshot:
+            raise PoolError(errno.ENOENT, f"{v.label} is a snapshot, not a volume")
+        return v.info()
 
-    def _vol(self, vol_id: int) -> _Volume:
-        self._usable()
-        v = self.volumes_by_id.get(vol_id)
-        if v is None:
-            raise PoolError(errno.ENOENT, f"volume {vol_id} no longer exists in pool {self.label}")
+    def _vol(self, vol_id: int) -> Dataset:
+        v = self._dataset(vol_id)
+        if v.is_snapshot:
+            raise PoolError(errno.EROFS, f"snapshot {v.label} is read-only")
         return v
+
+    def _dataset(self, ds_id: int) -> Dataset:
+        self._usable()
+        v = self.datasets.get(ds_id)
+        if v is None:
+            raise PoolError(errno.ENOENT, f"volume or snapshot {ds_id} no longer exists in "
+                            f"pool {self.label}")
+        return v
+
+    def _add(self, v: Dataset) -> None:
+        self.datasets[v.id] = v
+        if v.is_snapshot:
+            self.snaps[(v.owner, v.name)] = v
+        else:
+            self.by_name[v.name] = v
+        self.next_id = max(self.next_id, v.id + 1)
+
+    def _remove(self, v: Dataset) -> None:
+        del self.datasets[v.id]
+        if v.is_snapshot:
+            del self.snaps[(v.owner, v.name)]
+        else:
+            del self.by_name[v.name]
 
     def _usable(self) -> None:
         if self.failed is not None:
@@ -437,6 +396,10 @@ class Pool:
             return
         target = self.by_name.get(new_name)
         replaced = target.id if target else 0
+        clash = sorted(n for (o, n) in self.snaps if o == v.name and (new_name, n) in self.snaps)
+        if clash:
+            raise PoolError(errno.EEXIST, f"cannot rename volume {v.name!r} to {new_name!r}: "
+                            f"both have a snapshot named {clash[0]!r}; rename or delete it first")
         self._ensure_meta_reserve()
         with self._mutation():
             self._apply_rename(vol_id, replaced, new_name)
@@ -466,12 +429,12 @@ class Pool:
     # -- data -------------------------------------------------------------------
 
     def read(self, vol_id: int, offset: int, length: int) -> bytes:
-        """Bytes ``offset .. offset+length`` of the volume, short at its end.
+        """Bytes ``offset .. offset+length`` of a volume or snapshot, short at its end.
 
         Holes read as zeros.  A block whose checksum does not match raises
         ChecksumError (EIO) and is logged with pool, volume and offset.
         """
-        v = self._vol(vol_id)
+        v = self._dataset(vol_id)
         if offset < 0 or length < 0:
             raise PoolError(errno.EINVAL, f"volume {v.name!r}: negative offset or length")
         end = min(offset + length, v.size)
@@ -483,7 +446,7 @@ class Pool:
         start = offset - b0 * BLOCK
         return bytes(out[start:start + end - offset])
 
-    def _read_blocks(self, v: _Volume, b0: int, nb: int) -> bytearray:
+    def _read_blocks(self, v: Dataset, b0: int, nb: int) -> bytearray:
         out = bytearray(nb * BLOCK)
         if not v.root:
             return out
@@ -524,7 +487,7 @@ class Pool:
             i += 1
         return out
 
-    def _bad_block(self, v: _Volume, block: int, sector: int) -> None:
+    def _bad_block(self, v: Dataset, block: int, sector: int) -> None:
         msg = (f"pool {self.label}: volume {v.name!r}: checksum mismatch at offset "
                f"{block * BLOCK} (data sector {sector}); returning EIO")
         log.error(msg)
@@ -559,7 +522,7 @@ class Pool:
         self._write_blocks(v, b0, buf, max(v.size, end))
         return n
 
-    def _write_blocks(self, v: _Volume, b0: int, buf: memoryview, new_size: int) -> None:
+    def _write_blocks(self, v: Dataset, b0: int, buf: memoryview, new_size: int) -> None:
         """Store whole blocks starting at block ``b0`` and map them."""
         nb = len(buf) // BLOCK
         self._ensure_meta_reserve()
@@ -780,11 +743,11 @@ class Pool:
             self.checkpoint()
 
     def _flush_times(self) -> None:
-        for v in self.volumes_by_id.values():
+        for v in self.datasets.values():
             if v.times_dirty:
                 self._log_attr(v)
 
-    def _log_attr(self, v: _Volume) -> None:
+    def _log_attr(self, v: Dataset) -> None:
         v.times_dirty = False
         self._log(R_ATTR, ATTR.pack(v.id, v.mode, v.uid, v.gid, v.atime, v.mtime, v.ctime))
 
@@ -813,7 +776,7 @@ class Pool:
             raise
 
     def _checkpoint(self) -> None:
-        for v in self.volumes_by_id.values():
+        for v in self.datasets.values():
             v.times_dirty = False
         if self._data_dirty:
             self.data.sync()
@@ -842,7 +805,7 @@ class Pool:
             "next_id": self.next_id,
             "data_units": len(self.drc),
             "meta_units": len(self.mrc),
-            "volumes": [v.to_json() for v in self.volumes_by_id.values()],
+            "datasets": [v.to_json() for v in self.datasets.values()],
             "data_overflow": self.drc.overflow_items(),
             "meta_overflow": self.mrc.overflow_items(),
         }
@@ -938,37 +901,41 @@ class Pool:
             self._apply_attr(*ATTR.unpack(p))
         elif rtype == R_TRUNCATE:
             self._apply_truncate(*TRUNCATE.unpack(p))
+        elif rtype == R_SNAPOP:
+            self._apply_snapop(json.loads(p))
         else:
             raise ValueError(f"unknown record type {rtype}")
 
-    def _known(self, vid: int) -> _Volume:
-        v = self.volumes_by_id.get(vid)
+    def _known(self, vid: int) -> Dataset:
+        v = self.datasets.get(vid)
         if v is None:
             raise KeyError(f"volume id {vid} does not exist")
         return v
 
     def _apply_create(self, vid: int, name: str, size: int, mode: int, uid: int, gid: int,
                       now: int) -> None:
-        if name in self.by_name or vid in self.volumes_by_id:
+        if name in self.by_name or vid in self.datasets:
             raise ValueError(f"volume {name!r} / id {vid} exists")
-        v = _Volume(vid, name, size, mode, uid, gid, now)
-        self.volumes_by_id[vid] = v
-        self.by_name[name] = v
-        self.next_id = max(self.next_id, vid + 1)
+        self._add(Dataset(vid, name, size, mode, uid, gid, now))
 
     def _apply_delete(self, vid: int) -> None:
         v = self._known(vid)
         self.tree.drop(v.root)
-        del self.volumes_by_id[vid]
-        del self.by_name[v.name]
+        self._remove(v)
 
     def _apply_rename(self, vid: int, replaced: int, name: str) -> None:
         v = self._known(vid)
         if replaced:
             self._apply_delete(replaced)
-        del self.by_name[v.name]
+        old = v.name
+        self._remove(v)
         v.name = name
-        self.by_name[name] = v
+        self._add(v)
+        # Snapshots follow their volume.
+        for s in [s for (owner, _), s in self.snaps.items() if owner == old]:
+            self._remove(s)
+            s.owner = name
+            self._add(s)
 
     def _apply_attr(self, vid: int, mode: int, uid: int, gid: int, atime: int, mtime: int,
                     ctime: int) -> None:
@@ -1014,12 +981,12 @@ class Pool:
     # DataRefs for the tree
     def take(self, sector: int, slen: int) -> None:
         """A leaf pointer now references this stored block's units."""
-        for u in _units_of(sector, slen):
+        for u in units_of(sector, slen):
             self.drc.incref(u)
 
     def drop(self, sector: int, slen: int) -> None:
         """A leaf pointer to this stored block went away."""
-        for u in _units_of(sector, slen):
+        for u in units_of(sector, slen):
             self.drc.decref(u)
 
     # -- space and consistency -------------------------------------------------------
@@ -1028,11 +995,13 @@ class Pool:
         """Capacity and free space of the pool (free data units plus what the
         file system under it can still give, less the metadata reserve)."""
         total_host, avail = self.storage.space()
-        free_units = self.drc.free_units()
+        # Units freed but not yet committed count as free: they are, a few
+        # seconds from now at the latest.
+        free_units = self.drc.free_units() + len(self.drc.pending)
         used = (len(self.drc) - free_units) * BLOCK
         free = free_units * BLOCK + max(0, avail - HOST_HEADROOM)
         return PoolStats(total=used + free, free=free, used=used,
-                         volumes=len(self.volumes_by_id))
+                         volumes=len(self.by_name))
 
     def check(self) -> list[str]:
         """Recount every reference from the trees and compare with the
@@ -1042,7 +1011,7 @@ class Pool:
         exp_d: dict[int, int] = {}
         seen: set[int] = set()
         data_units = len(self.drc)
-        for v in self.volumes_by_id.values():
+        for v in self.datasets.values():
             if v.root:
                 exp_m[v.root] = exp_m.get(v.root, 0) + 1
             stack = [v.root] if v.root else []
@@ -1060,7 +1029,7 @@ class Pool:
                     problems.append(f"node {addr}: keys out of order")
                 if node.leaf:
                     for s, sl in zip(node.addrs, node.slens):
-                        for u in _units_of(s, sl):
+                        for u in units_of(s, sl):
                             if u >= data_units:
                                 problems.append(f"node {addr}: pointer past the data file")
                             exp_d[u] = exp_d.get(u, 0) + 1
@@ -1089,5 +1058,5 @@ class Pool:
         return problems
 
     def __repr__(self) -> str:
-        return f"Pool({self.label!r}, {len(self.volumes_by_id)} volumes)"
+        return f"Pool({self.label!r}, {len(self.by_name)} volumes, {len(self.snaps)} snapshots)"
 
