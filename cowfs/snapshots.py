@@ -57,6 +57,17 @@ class SnapshotOps:
         """The snapshot ``volume@name`` (ENOENT if none)."""
         return self._snap(volume, name).snap_info()
 
+    def snapshot_get(self: "Pool", snap_id: int) -> SnapshotInfo:
+        """The snapshot with id ``snap_id`` (ENOENT if deleted or not a snapshot)."""
+        s = self._dataset(snap_id)
+        if not s.is_snapshot:
+            raise PoolError(errno.ENOENT, f"{s.label} is a volume, not a snapshot")
+        return s.snap_info()
+
+    def is_snapshot(self: "Pool", ds_id: int) -> bool:
+        """Whether id ``ds_id`` names a snapshot (False for volumes; ENOENT if neither)."""
+        return self._dataset(ds_id).is_snapshot
+
     def _snap(self: "Pool", volume: str, name: str) -> Dataset:
         self._usable()
         s = self.snaps.get((volume, name))
