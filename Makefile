@@ -4,6 +4,7 @@
 #   make test       set up, run the test suite (needs root: FUSE, loop devices)
 #   make test-slow  the slow tests only
 #   make bench      fio: cowfs volume vs. a plain file on the same disk
+#   make snapbench  snapshot/clone time vs. data, count and clone depth
 #
 # Works on a fresh Debian 12 machine as root, or as a user who has sudo.
 # Every step checks before it acts, so running a target twice is harmless.
@@ -18,6 +19,7 @@ POOL   ?= /var/lib/cowfs/default
 MOUNT  ?= /mnt/cowfs
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
+SNAPBENCH_ARGS ?=
 
 # fuse3/libfuse3-dev/pkg-config and a C toolchain with Python headers build and
 # run pyfuse3; python3-venv provides ensurepip for Debian's python3; fio,
@@ -29,10 +31,10 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc libc6-dev python3-dev \
 # Privileged commands go through sudo unless we already are root.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: help deps sysdeps run test test-slow bench clean distclean
+.PHONY: help deps sysdeps run test test-slow bench snapbench clean distclean
 
 help:
-	@sed -n '3,7s/^#//p' $(firstword $(MAKEFILE_LIST))
+	@sed -n '3,8s/^#//p' $(firstword $(MAKEFILE_LIST))
 
 deps: sysdeps $(VENV)/.stamp
 
@@ -82,6 +84,9 @@ test-slow: deps
 
 bench: deps
 	$(SUDO) $(VPY) tools/bench.py $(BENCH_ARGS)
+
+snapbench: deps
+	$(SUDO) $(VPY) tools/snapbench.py $(SNAPBENCH_ARGS)
 
 # Build and test leftovers; the venv stays (see distclean).
 clean:
