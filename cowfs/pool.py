@@ -169,9 +169,18 @@ class Pool(SnapshotOps):
         format version.
         """
         if lock:
-            storage.lock()
+            try:
+                storage.lock()
+            except OSError as e:
+                raise PoolError(e.errno or errno.EIO,
+                                f"cannot open pool {storage.label}: {e.strerror}") from None
         try:
-            pool = cls._load(storage)
+            try:
+                pool = cls._load(storage)
+            except OSError as e:
+                what = os.path.basename(e.filename) if e.filename else "its files"
+                raise FormatError(f"pool {storage.label}: cannot read {what}: "
+                                  f"{e.strerror}") from None
         except BaseException:
             if lock:
                 storage.unlock()
@@ -451,7 +460,6 @@ class Pool(SnapshotOps):
         if not v.root:
             return out
         ptrs = self.tree.lookup_range(v.root, b0, nb)
-        pread = self.data.pread
         i = 0
         while i < nb:
             p = ptrs[i]
@@ -467,7 +475,7 @@ class Pool(SnapshotOps):
                     if q is None or q[2] != BLOCK or q[0] != sector + (j - i) * SECTORS_PER_BLOCK:
                         break
                     j += 1
-                raw = pread((j - i) * BLOCK, sector * SECTOR)
+                raw = self._pread_data(v, (j - i) * BLOCK, sector)
                 mv = memoryview(raw)
                 for k in range(i, j):
                     part = mv[(k - i) * BLOCK:(k - i + 1) * BLOCK]
@@ -476,7 +484,7 @@ class Pool(SnapshotOps):
                 out[i * BLOCK:j * BLOCK] = raw
                 i = j
                 continue
-            raw = pread(slen, sector * SECTOR)
+            raw = self._pread_data(v, slen, sector)
             if checksum(raw) != csum:
                 self._bad_block(v, b0 + i, sector)
             try:
@@ -486,6 +494,12 @@ class Pool(SnapshotOps):
             out[i * BLOCK:(i + 1) * BLOCK] = block
             i += 1
         return out
+
+    def _pread_data(self, v: Dataset, length: int, sector: int) -> bytes:
+        try:
+            return self.data.pread(length, sector * SECTOR)
+        except OSError as e:
+            raise self._io_error(e, f"reading {v.label} (data sector {sector})") from None
 
     def _bad_block(self, v: Dataset, block: int, sector: int) -> None:
         msg = (f"pool {self.label}: volume {v.name!r}: checksum mismatch at offset "
