@@ -82,27 +82,33 @@ class SnapshotOps:
         return v
 
     def space(self: "Pool", ds_id: int) -> tuple[int, int]:
-        """``(referenced, exclusive)`` bytes of a volume or snapshot: the data
-        its tree maps, and what deleting it would free (blocks no other
-        volume or snapshot shares).  Reads the dataset's unshared metadata."""
+        """``(referenced, exclusive)`` bytes of a volume or snapshot, both
+        counted in (uncompressed) 4 KiB blocks: the blocks its tree maps, and
+        those no other volume or snapshot shares, which deleting it frees.
+        Reads the dataset's unshared metadata."""
         v = self._dataset(ds_id)
-        return v.mapped * BLOCK, self._exclusive_units(v.root) * BLOCK
+        return v.mapped * BLOCK, self._exclusive_blocks(v.root) * BLOCK
 
-    def _exclusive_units(self: "Pool", root: int) -> int:
+    def _exclusive_blocks(self: "Pool", root: int) -> int:
         if not root or self.mrc.count(root) != 1:
             return 0
-        count = 0
+        # Pointers reachable only through unshared nodes, and how many of
+        # them touch each data unit (compressed blocks share units).
+        pointers: list[tuple[int, int]] = []
+        touching: dict[int, int] = {}
         stack = [root]
         while stack:
             node = self.store.get(stack.pop())
             if node.leaf:
                 for a, sl in zip(node.addrs, node.slens):
+                    pointers.append((a, sl))
                     for u in units_of(a, sl):
-                        if self.drc.count(u) == 1:
-                            count += 1
+                        touching[u] = touching.get(u, 0) + 1
             else:
                 stack.extend(c for c in node.children if self.mrc.count(c) == 1)
-        return count
+        count = self.drc.count
+        return sum(1 for a, sl in pointers
+                   if all(count(u) == touching[u] for u in units_of(a, sl)))
 
     # -- changing -------------------------------------------------------------------
 
@@ -235,7 +241,10 @@ class SnapshotOps:
         with self._mutation():
             self._apply_snapop(op)
             self._log(R_SNAPOP, json.dumps(op, separators=(",", ":")).encode())
-        self._after_change()
+        # Snapshot, restore and clone are durable when they return: an
+        # operator who took a snapshot before an upgrade must be able to
+        # count on it, whoever forgets to fsync.
+        self.sync()
 
     # -- changes, shared with journal replay ------------------------------------------
 
