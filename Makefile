@@ -24,9 +24,9 @@ SNAPBENCH_ARGS ?=
 # fuse3/libfuse3-dev/pkg-config and a C toolchain with Python headers build and
 # run pyfuse3; python3-venv provides ensurepip for Debian's python3; fio,
 # e2fsprogs (mkfs.ext4, fsck) and util-linux (losetup) are used by the tests
-# and the benchmark; kmod provides modprobe.
+# and the benchmark; kmod provides modprobe; attr provides getfattr.
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc libc6-dev python3-dev \
-                python3-venv fio e2fsprogs util-linux kmod
+                python3-venv fio e2fsprogs util-linux kmod attr
 
 # Privileged commands go through sudo unless we already are root.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)

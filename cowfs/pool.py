@@ -625,6 +625,12 @@ class Pool(SnapshotOps):
         """Start of ``units`` contiguous free data units, now RESERVED; -1 if
         free space is too fragmented.  ENOSPC if the pool cannot grow."""
         start = self.drc.find_free(units)
+        if start < 0 and self.drc.pending and not self._replaying:
+            # Units freed by deletes or overwrites become reusable once the
+            # journal group recording the free is durable: commit it now
+            # rather than grow the pool (or fail with ENOSPC).
+            self.sync()
+            start = self.drc.find_free(units)
         if start < 0:
             try:
                 self._grow_data(units)

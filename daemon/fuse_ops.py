@@ -6,11 +6,25 @@ FUSE session (:func:`start_session`, :func:`serve_requests`,
 :func:`stop_session`, :func:`end_session`) so that the server never touches
 pyfuse3 itself.
 
-The mount is one flat directory.  Its root is ``pyfuse3.ROOT_INODE``; every
-volume is a regular file whose inode number is ``VOLUME_INODE_BASE`` plus the
-volume id (ids are never reused within a pool, so inode numbers are stable
-across renames and remounts).  Inodes between the root and
-``VOLUME_INODE_BASE`` are reserved for control directories.
+The mount::
+
+    /                       volumes (regular files); the only names listed
+    /.snapshots/            hidden (not listed, but found by name)
+    /.snapshots/ctl         ctl protocol: snapshot, restore, delete, rename
+    /.snapshots/VOL/        one directory per volume and per deleted volume
+                            that still has snapshots
+    /.snapshots/VOL/NAME    read-only snapshot images
+    /.clones/               hidden
+    /.clones/ctl            ctl protocol: clone, clone-group
+    /.clones/VOL            read-only JSON status of each clone
+
+Inode numbers: the root is ``pyfuse3.ROOT_INODE``, the control directories
+and ctl files have fixed numbers below ``VOLUME_INODE_BASE``; volumes and
+snapshots share one id space in the pool, so either is ``VOLUME_INODE_BASE``
+plus its id (ids are never reused, so these numbers are stable across
+renames and remounts).  ``.snapshots/VOL`` directories get numbers from
+``SNAPSHOT_DIR_INODE_BASE`` up, assigned per name while mounted; a clone's
+status file is ``CLONE_STATUS_INODE_BASE`` plus the clone's volume id.
 
 Every handler answers either with a result or with ``FUSEError(errno)``: a
 :class:`~cowfs.errors.PoolError` becomes its own errno (its message is
@@ -19,6 +33,9 @@ EIO.  The daemon never dies of a request.
 
 The engine is single-threaded and synchronous.  Handlers call it directly and
 never await while doing so, so engine calls are serialised by the trio loop.
+The only await is after a ctl command: the kernel's caches of what it
+changed are invalidated by :meth:`VolumeOps.serve_invalidations`, a separate
+task, while the handler waits for that (with a time limit).
 """
 
 from __future__ import annotations
@@ -27,33 +44,60 @@ import collections
 import contextlib
 import errno
 import functools
+import itertools
 import logging
+import math
 import os
 import stat
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pyfuse3
+import trio
 
 from cowfs.errors import PoolError
-from cowfs.pool import BLOCK, Pool, VolumeInfo
+from cowfs.pool import BLOCK, Pool, SnapshotInfo, VolumeInfo
+
+from . import control
 
 log = logging.getLogger(__name__)
 
 ROOT_INODE: int = pyfuse3.ROOT_INODE
+SNAPSHOTS_INODE = 2
+SNAPSHOTS_CTL_INODE = 3
+CLONES_INODE = 4
+CLONES_CTL_INODE = 5
 VOLUME_INODE_BASE = 1000
+SNAPSHOT_DIR_INODE_BASE = 1 << 48
+CLONE_STATUS_INODE_BASE = 1 << 49
+
+SNAPSHOTS_NAME = b".snapshots"
+CLONES_NAME = b".clones"
+CTL_NAME = b"ctl"
+_CTL = CTL_NAME.decode()
 
 # Seconds the kernel may cache names and attributes.  Volumes change only
-# through this mount, so caching is safe; a short timeout keeps changes made by
-# later control paths (snapshots, the CLI) visible quickly.
+# through this mount, so caching is safe; a short timeout keeps changes made
+# through the ctl files visible quickly (those also invalidate what they can).
 ATTR_TIMEOUT = 1.0
+
+# Seconds a ctl command waits for the kernel to drop its caches of what the
+# command changed before the write returns anyway.
+INVALIDATE_WAIT = 5.0
 
 NAME_MAX = 255
 
 # The pool has no inode table: report a large, constant inode count, of
 # which each volume uses one, so ``df -i`` shows room for more volumes.
 INODES_REPORTED = 1 << 32
+
+# Extended attributes of volumes and snapshots.
+XATTR_REFERENCED = b"user.cowfs.referenced"
+XATTR_EXCLUSIVE = b"user.cowfs.exclusive"
+XATTR_ORIGIN = b"user.cowfs.origin"
+XATTR_CREATED = b"user.cowfs.created"
 
 # Readdir positions.  '.' and '..' come first; every other entry's position is
 # derived from its inode number, which never changes (renames keep it), so a
@@ -71,9 +115,10 @@ _Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[Any]])
 
 
 def _log_level(err: int) -> int:
-    """How loudly to log a refusal: missing names are routine (shells probe
-    for them constantly), data errors and full pools deserve attention."""
-    if err == errno.ENOENT:
+    """How loudly to log a refusal: missing names and attributes are routine
+    (shells and ls probe for them constantly), data errors and full pools
+    deserve attention."""
+    if err in (errno.ENOENT, errno.ENODATA):
         return logging.DEBUG
     if err in (errno.EIO, errno.ENOSPC, errno.ESTALE):
         return logging.WARNING
@@ -88,6 +133,12 @@ def _describe_arg(arg: Any) -> str:
     if isinstance(arg, (bytes, int, float, bool)) or arg is None:
         return repr(arg)
     return type(arg).__name__
+
+
+def _answer_code(err: OSError) -> int:
+    """The errno for a failure of the pool's host file system: a full host
+    disk stays ENOSPC/EDQUOT, anything else is EIO."""
+    return err.errno if err.errno in (errno.ENOSPC, errno.EDQUOT) else errno.EIO
 
 
 def _request(handler: _Handler) -> _Handler:
@@ -113,8 +164,7 @@ def _request(handler: _Handler) -> _Handler:
             raise pyfuse3.FUSEError(err.errno) from None
         except OSError as err:
             log.exception("%s failed in the pool's host file system", op)
-            code = err.errno if err.errno in (errno.ENOSPC, errno.EDQUOT) else errno.EIO
-            raise pyfuse3.FUSEError(code) from None
+            raise pyfuse3.FUSEError(_answer_code(err)) from None
         except Exception:
             log.exception("%s failed unexpectedly; answering EIO", op)
             raise pyfuse3.FUSEError(errno.EIO) from None
@@ -123,43 +173,75 @@ def _request(handler: _Handler) -> _Handler:
 
 
 @contextlib.contextmanager
-def _still_present(vol_id: int) -> Iterator[None]:
-    """Report a volume that vanished under an open handle or a cached inode
-    as ESTALE: "no such file" would be a confusing answer to read(2)."""
+def _still_present(ds_id: int) -> Iterator[None]:
+    """Report a volume or snapshot that vanished under an open handle or a
+    cached inode as ESTALE: "no such file" would be a confusing answer to
+    read(2)."""
     try:
         yield
     except PoolError as err:
         if err.errno != errno.ENOENT:
             raise
-        raise PoolError(errno.ESTALE, f"volume id {vol_id} was removed while still in use") from None
+        raise PoolError(errno.ESTALE, f"volume or snapshot id {ds_id} was removed while "
+                        "still in use") from None
 
 
-def _vol_id(inode: int) -> int:
-    """The volume id behind ``inode``; ENOENT for the root and reserved inodes."""
-    if inode < VOLUME_INODE_BASE:
-        raise PoolError(errno.ENOENT, f"inode {inode} is not a volume")
+def _is_dataset(inode: int) -> bool:
+    return VOLUME_INODE_BASE <= inode < SNAPSHOT_DIR_INODE_BASE
+
+
+def _is_snapshot_dir(inode: int) -> bool:
+    return SNAPSHOT_DIR_INODE_BASE <= inode < CLONE_STATUS_INODE_BASE
+
+
+def _is_clone_status(inode: int) -> bool:
+    return inode >= CLONE_STATUS_INODE_BASE
+
+
+def _ds_id(inode: int) -> int:
+    """The volume or snapshot id behind ``inode``; ENOENT for other inodes."""
+    if not _is_dataset(inode):
+        raise PoolError(errno.ENOENT, f"inode {inode} is not a volume or snapshot")
     return inode - VOLUME_INODE_BASE
+
+
+def _attrs(inode: int, mode: int, *, nlink: int = 1, uid: int = 0, gid: int = 0,
+           size: int = 0, blocks: int = 0, atime_ns: int = 0, mtime_ns: int = 0,
+           ctime_ns: int = 0, timeout: float = ATTR_TIMEOUT) -> pyfuse3.EntryAttributes:
+    attrs = pyfuse3.EntryAttributes()
+    attrs.st_ino = inode
+    attrs.generation = 0
+    attrs.entry_timeout = timeout
+    attrs.attr_timeout = timeout
+    attrs.st_mode = mode
+    attrs.st_nlink = nlink
+    attrs.st_uid = uid
+    attrs.st_gid = gid
+    attrs.st_rdev = 0
+    attrs.st_size = size
+    attrs.st_blksize = BLOCK
+    attrs.st_blocks = blocks
+    attrs.st_atime_ns = atime_ns
+    attrs.st_mtime_ns = mtime_ns
+    attrs.st_ctime_ns = ctime_ns
+    return attrs
 
 
 def _volume_attrs(info: VolumeInfo) -> pyfuse3.EntryAttributes:
     """The stat(2) view of a volume: a regular file with one link."""
-    attrs = pyfuse3.EntryAttributes()
-    attrs.st_ino = VOLUME_INODE_BASE + info.id
-    attrs.generation = 0
-    attrs.entry_timeout = ATTR_TIMEOUT
-    attrs.attr_timeout = ATTR_TIMEOUT
-    attrs.st_mode = stat.S_IFREG | stat.S_IMODE(info.mode)
-    attrs.st_nlink = 1
-    attrs.st_uid = info.uid
-    attrs.st_gid = info.gid
-    attrs.st_rdev = 0
-    attrs.st_size = info.size
-    attrs.st_blksize = BLOCK
-    attrs.st_blocks = info.allocated // 512
-    attrs.st_atime_ns = info.atime_ns
-    attrs.st_mtime_ns = info.mtime_ns
-    attrs.st_ctime_ns = info.ctime_ns
-    return attrs
+    return _attrs(VOLUME_INODE_BASE + info.id, stat.S_IFREG | stat.S_IMODE(info.mode),
+                  uid=info.uid, gid=info.gid, size=info.size, blocks=info.allocated // 512,
+                  atime_ns=info.atime_ns, mtime_ns=info.mtime_ns, ctime_ns=info.ctime_ns)
+
+
+def _snapshot_attrs(snap: SnapshotInfo) -> pyfuse3.EntryAttributes:
+    """The stat(2) view of a snapshot: the volume's file as it was, without
+    write permission, dated when it was taken."""
+    created = snap.created_ns
+    return _attrs(VOLUME_INODE_BASE + snap.id,
+                  stat.S_IFREG | (stat.S_IMODE(snap.mode) & ~0o222),
+                  uid=snap.uid, gid=snap.gid, size=snap.size, blocks=snap.allocated // 512,
+                  atime_ns=created, mtime_ns=created, ctime_ns=created)
 
 
 def _decode(name: bytes) -> str:
@@ -169,15 +251,79 @@ def _decode(name: bytes) -> str:
     return os.fsdecode(name)
 
 
+@dataclass
+class _DataHandle:
+    """An open volume or snapshot."""
+
+    ds_id: int
+    writable: bool
+
+
+@dataclass
+class _CtlHandle:
+    """An open ctl file.  ``result`` is the reply to the last command written
+    through this handle; it reads from file position ``result_at`` on (the
+    position just after that write), or from 0 once a read comes from before
+    that position."""
+
+    ctl: control.CtlFile
+    result: bytes = b""
+    result_at: int = 0
+
+
+@dataclass
+class _StatusHandle:
+    """An open clone status file: its content as of the open."""
+
+    content: bytes
+
+
+_Handle = _DataHandle | _CtlHandle | _StatusHandle
+
+
+@dataclass
+class _Invalidation:
+    """Kernel cache entries to drop: inodes ``(inode, attributes only)`` and
+    directory entries ``(parent inode, name)``.  ``done`` is set once the
+    kernel was told."""
+
+    inodes: list[tuple[int, bool]] = field(default_factory=list)
+    entries: list[tuple[int, bytes]] = field(default_factory=list)
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+def _invalidate_now(job: _Invalidation) -> None:
+    """Tell the kernel to drop ``job``'s cache entries (blocks until it has;
+    run in a worker thread, never in a request handler)."""
+    for inode, attr_only in job.inodes:
+        try:
+            pyfuse3.invalidate_inode(inode, attr_only)
+        except OSError as err:
+            # ENOENT: the kernel has nothing cached for it, which is fine.
+            if err.errno != errno.ENOENT:
+                log.warning("could not invalidate the kernel cache of inode %d: %s",
+                            inode, err.strerror)
+    for parent, name in job.entries:
+        try:
+            pyfuse3.invalidate_entry(parent, name)
+        except OSError as err:
+            if err.errno != errno.ENOENT:
+                log.warning("could not invalidate the kernel's entry %r in inode %d: %s",
+                            name, parent, err.strerror)
+
+
 class VolumeOps(pyfuse3.Operations):
     """FUSE handlers presenting the volumes of ``pool`` as regular files in
-    the mount root.
+    the mount root, their snapshots under ``.snapshots`` and clone status
+    under ``.clones`` (see the module docstring for the layout).
 
     Creating, removing, renaming, resizing and chmod/chown/utimes of volumes
     go to the pool; directories, links and special files are refused with
-    EPERM.  Names starting with '.' are never looked up as volumes (they are
-    kept for control directories).  The handlers never raise anything but
-    ``pyfuse3.FUSEError``.
+    EPERM.  In ``.snapshots/VOL`` creating a file takes a snapshot, removing
+    one deletes it and renaming one renames it; snapshot images refuse
+    writes, truncation, chmod and chown with EROFS.  The ctl files run one
+    command per write (:mod:`cowfs_daemon.control`).  The handlers never
+    raise anything but ``pyfuse3.FUSEError``.
     """
 
     def __init__(self, pool: Pool) -> None:
@@ -185,37 +331,53 @@ class VolumeOps(pyfuse3.Operations):
         self.pool = pool
         self._root_uid = os.getuid()
         self._root_gid = os.getgid()
-        # The root's times are not stored in the pool: they start at mount
+        # Directory times are not stored in the pool: they start at mount
         # time and move whenever the set of names changes, so tools that
-        # watch the directory's mtime notice new and removed volumes.
+        # watch a directory's mtime notice new and removed entries.  The
+        # control directories share one time.
         self._root_mtime_ns = time.time_ns()
-        # Open file handles per volume id, to warn when a volume in use is
-        # removed or the mount goes away under its users.
+        self._control_mtime_ns = self._root_mtime_ns
+        # Open file handles by number.
+        self._open: dict[int, _Handle] = {}
+        self._next_fh = itertools.count(1)
+        # Open handles per volume or snapshot id (to warn when one in use is
+        # removed or the mount goes away under its users), and those with
+        # write access per volume id (restore refuses those volumes).
         self._handles: collections.Counter[int] = collections.Counter()
+        self._writers: collections.Counter[int] = collections.Counter()
+        # .snapshots/VOL directory inodes, both ways; stable while mounted.
+        self._dir_inode: dict[str, int] = {}
+        self._dir_name: dict[int, str] = {}
+        self._invalidations_in, self._invalidations_out = \
+            trio.open_memory_channel[_Invalidation](math.inf)
 
     # -- helpers --------------------------------------------------------
 
     def _root_attrs(self) -> pyfuse3.EntryAttributes:
-        attrs = pyfuse3.EntryAttributes()
-        attrs.st_ino = ROOT_INODE
-        attrs.generation = 0
-        attrs.entry_timeout = ATTR_TIMEOUT
-        attrs.attr_timeout = ATTR_TIMEOUT
-        attrs.st_mode = stat.S_IFDIR | 0o755
-        attrs.st_nlink = 2
-        attrs.st_uid = self._root_uid
-        attrs.st_gid = self._root_gid
-        attrs.st_rdev = 0
-        attrs.st_size = 0
-        attrs.st_blksize = BLOCK
-        attrs.st_blocks = 0
-        attrs.st_atime_ns = self._root_mtime_ns
-        attrs.st_mtime_ns = self._root_mtime_ns
-        attrs.st_ctime_ns = self._root_mtime_ns
-        return attrs
+        return self._dir_attrs(ROOT_INODE, self._root_mtime_ns)
+
+    def _dir_attrs(self, inode: int, mtime_ns: int, nlink: int = 2) -> pyfuse3.EntryAttributes:
+        return _attrs(inode, stat.S_IFDIR | 0o755, nlink=nlink, uid=self._root_uid,
+                      gid=self._root_gid, atime_ns=mtime_ns, mtime_ns=mtime_ns,
+                      ctime_ns=mtime_ns)
+
+    def _ctl_attrs(self, inode: int) -> pyfuse3.EntryAttributes:
+        return _attrs(inode, stat.S_IFREG | 0o600, uid=self._root_uid, gid=self._root_gid,
+                      atime_ns=self._control_mtime_ns, mtime_ns=self._control_mtime_ns,
+                      ctime_ns=self._control_mtime_ns)
+
+    def _status_attrs(self, info: VolumeInfo, content: bytes) -> pyfuse3.EntryAttributes:
+        created = (info.origin or {}).get("created", 0)
+        # The size changes with the space figures: never let the kernel keep it.
+        return _attrs(CLONE_STATUS_INODE_BASE + info.id, stat.S_IFREG | 0o444,
+                      uid=self._root_uid, gid=self._root_gid, size=len(content),
+                      atime_ns=created, mtime_ns=created, ctime_ns=created, timeout=0)
 
     def _names_changed(self) -> None:
         self._root_mtime_ns = time.time_ns()
+
+    def _snapshots_changed(self) -> None:
+        self._control_mtime_ns = time.time_ns()
 
     @staticmethod
     def _in_root(parent_inode: int) -> None:
@@ -230,26 +392,193 @@ class VolumeOps(pyfuse3.Operations):
             raise PoolError(errno.ENOENT, f"no volume named {vol_name!r} (dot names are reserved)")
         return self.pool.lookup(vol_name)
 
-    def _warn_if_open(self, info: VolumeInfo, what: str) -> None:
-        count = self._handles.get(info.id, 0)
+    def _snapshot_dir_names(self) -> list[str]:
+        """Names with a ``.snapshots`` directory: every volume and every
+        deleted volume that still has snapshots.  A volume named ``ctl`` is
+        left out: ``.snapshots/ctl`` is the ctl file."""
+        names = {info.name for info in self.pool.volumes()}
+        names.update(self.pool.snapshot_owners())
+        names.discard(_CTL)
+        return sorted(names)
+
+    def _has_snapshot_dir(self, name: str) -> bool:
+        if name == _CTL:
+            return False
+        try:
+            self.pool.lookup(name)
+        except PoolError as err:
+            if err.errno != errno.ENOENT:
+                raise
+            return bool(self.pool.snapshots(name))
+        return True
+
+    def _snapshot_dir_inode(self, name: str) -> int:
+        inode = self._dir_inode.get(name)
+        if inode is None:
+            inode = SNAPSHOT_DIR_INODE_BASE + len(self._dir_inode)
+            self._dir_inode[name] = inode
+            self._dir_name[inode] = name
+        return inode
+
+    def _snapshot_dir(self, inode: int) -> str:
+        """The volume name of the ``.snapshots`` directory ``inode``
+        (ENOENT once it has neither a volume nor snapshots)."""
+        name = self._dir_name.get(inode)
+        if name is None or not self._has_snapshot_dir(name):
+            raise PoolError(errno.ENOENT, f"inode {inode}: no such snapshot directory")
+        return name
+
+    def _snapshot_dir_attrs(self, name: str) -> pyfuse3.EntryAttributes:
+        return self._dir_attrs(self._snapshot_dir_inode(name), self._control_mtime_ns)
+
+    def _clone(self, name: str) -> VolumeInfo:
+        """The clone called ``name`` (ENOENT if no such volume or not a clone)."""
+        info = self.pool.lookup(name)
+        if not info.origin:
+            raise PoolError(errno.ENOENT, f"volume {name!r} is not a clone")
+        return info
+
+    def _clone_by_id(self, vol_id: int) -> VolumeInfo:
+        info = self.pool.get(vol_id)
+        if not info.origin:
+            raise PoolError(errno.ENOENT, f"volume {info.name!r} is not a clone")
+        return info
+
+    def _dataset_attrs(self, ds_id: int) -> pyfuse3.EntryAttributes:
+        with _still_present(ds_id):
+            if self.pool.is_snapshot(ds_id):
+                return _snapshot_attrs(self.pool.snapshot_get(ds_id))
+            return _volume_attrs(self.pool.get(ds_id))
+
+    def _inode_attrs(self, inode: int) -> pyfuse3.EntryAttributes:
+        """getattr for any inode of the mount."""
+        if inode == ROOT_INODE:
+            return self._root_attrs()
+        if inode == SNAPSHOTS_INODE:
+            return self._dir_attrs(inode, self._control_mtime_ns,
+                                   2 + len(self._snapshot_dir_names()))
+        if inode == CLONES_INODE:
+            return self._dir_attrs(inode, self._control_mtime_ns)
+        if inode in (SNAPSHOTS_CTL_INODE, CLONES_CTL_INODE):
+            return self._ctl_attrs(inode)
+        if _is_clone_status(inode):
+            with _still_present(inode - CLONE_STATUS_INODE_BASE):
+                info = self._clone_by_id(inode - CLONE_STATUS_INODE_BASE)
+            return self._status_attrs(info, control.clone_status(self.pool, info))
+        if _is_snapshot_dir(inode):
+            return self._snapshot_dir_attrs(self._snapshot_dir(inode))
+        return self._dataset_attrs(_ds_id(inode))
+
+    def _parent(self, inode: int) -> int:
+        """The parent of directory ``inode`` (ENOTDIR for files)."""
+        if inode in (ROOT_INODE, SNAPSHOTS_INODE, CLONES_INODE):
+            return ROOT_INODE
+        if _is_snapshot_dir(inode):
+            self._snapshot_dir(inode)
+            return SNAPSHOTS_INODE
+        raise PoolError(errno.ENOTDIR, f"inode {inode} is not a directory")
+
+    def _lookup(self, parent_inode: int, name: bytes) -> pyfuse3.EntryAttributes:
+        if name == b".":
+            self._parent(parent_inode)
+            return self._inode_attrs(parent_inode)
+        if name == b"..":
+            return self._inode_attrs(self._parent(parent_inode))
+        if parent_inode == ROOT_INODE:
+            if name == SNAPSHOTS_NAME:
+                return self._inode_attrs(SNAPSHOTS_INODE)
+            if name == CLONES_NAME:
+                return self._inode_attrs(CLONES_INODE)
+            return _volume_attrs(self._find(parent_inode, name))
+        if parent_inode == SNAPSHOTS_INODE:
+            if name == CTL_NAME:
+                return self._ctl_attrs(SNAPSHOTS_CTL_INODE)
+            vol = _decode(name)
+            if not self._has_snapshot_dir(vol):
+                raise PoolError(errno.ENOENT, f"no volume or snapshots named {vol!r}")
+            return self._snapshot_dir_attrs(vol)
+        if parent_inode == CLONES_INODE:
+            if name == CTL_NAME:
+                return self._ctl_attrs(CLONES_CTL_INODE)
+            info = self._clone(_decode(name))
+            return self._status_attrs(info, control.clone_status(self.pool, info))
+        if _is_snapshot_dir(parent_inode):
+            vol = self._snapshot_dir(parent_inode)
+            return _snapshot_attrs(self.pool.snapshot_lookup(vol, _decode(name)))
+        raise PoolError(errno.ENOTDIR, f"inode {parent_inode} is not a directory")
+
+    def _label(self, ds_id: int) -> str:
+        try:
+            if self.pool.is_snapshot(ds_id):
+                snap = self.pool.snapshot_get(ds_id)
+                return f"snapshot {snap.volume}@{snap.name}"
+            return repr(self.pool.get(ds_id).name)
+        except PoolError:
+            return f"removed volume or snapshot id {ds_id}"
+
+    def _warn_if_open(self, ds_id: int, what: str) -> None:
+        """Log ``what`` happened (a removal) if handles still have ``ds_id`` open."""
+        count = self._handles.get(ds_id, 0)
         if count:
-            log.warning(
-                "volume %r %s while %d handle(s) still have it open; "
-                "their I/O now fails with ESTALE",
-                info.name, what, count,
-            )
+            log.warning("%s while %d handle(s) still have it open; their I/O now fails "
+                        "with ESTALE", what, count)
 
     def busy_volumes(self) -> list[str]:
-        """Describe each volume that still has open file handles, e.g.
-        ``"'vm1.img' (2 open)"`` (used to warn at shutdown)."""
-        busy = []
-        for vol_id, count in sorted(self._handles.items()):
-            try:
-                label = repr(self.pool.get(vol_id).name)
-            except PoolError:
-                label = f"removed volume id {vol_id}"
-            busy.append(f"{label} ({count} open)")
-        return busy
+        """Describe each volume or snapshot that still has open file handles,
+        e.g. ``"'vm1.img' (2 open)"`` (used to warn at shutdown)."""
+        return [f"{self._label(ds_id)} ({count} open)"
+                for ds_id, count in sorted(self._handles.items())]
+
+    def open_for_writing(self, info: VolumeInfo) -> bool:
+        """Whether volume ``info`` has a handle open with write access."""
+        return self._writers.get(info.id, 0) > 0
+
+    def _new_handle(self, handle: _Handle) -> int:
+        fh = next(self._next_fh)
+        self._open[fh] = handle
+        if isinstance(handle, _DataHandle):
+            self._handles[handle.ds_id] += 1
+            if handle.writable:
+                self._writers[handle.ds_id] += 1
+        return fh
+
+    def _handle(self, fh: int) -> _Handle:
+        handle = self._open.get(fh)
+        if handle is None:
+            raise PoolError(errno.EBADF, f"file handle {fh} is not open")
+        return handle
+
+    # -- kernel cache invalidation ----------------------------------------
+
+    async def serve_invalidations(self) -> None:
+        """Run forever (until cancelled): tell the kernel to drop cached
+        data, attributes and names that ctl commands changed behind its
+        back.  Each request runs in a worker thread, outside any request
+        handler, because the kernel may wait for requests to finish first."""
+        async for job in self._invalidations_out:
+            await trio.to_thread.run_sync(_invalidate_now, job, abandon_on_cancel=True)
+            job.done.set()
+
+    async def _invalidate(self, changes: control.Changes) -> None:
+        """Have :meth:`serve_invalidations` drop the kernel's caches of
+        ``changes`` and wait for that, at most INVALIDATE_WAIT seconds."""
+        job = _Invalidation()
+        for vol_id in changes.replaced_volumes:
+            job.inodes.append((VOLUME_INODE_BASE + vol_id, False))
+        for vol, snap in changes.gone_snapshots:
+            parent = self._dir_inode.get(vol)
+            if parent is not None:
+                job.entries.append((parent, os.fsencode(snap)))
+        if changes.root_names:
+            job.inodes.append((ROOT_INODE, True))
+        if not job.inodes and not job.entries:
+            return
+        self._invalidations_in.send_nowait(job)
+        with trio.move_on_after(INVALIDATE_WAIT):
+            await job.done.wait()
+        if not job.done.is_set():
+            log.warning("the kernel has not dropped its cached copies within %.0f s; "
+                        "readers may see old data until it does", INVALIDATE_WAIT)
 
     # -- names ----------------------------------------------------------
 
@@ -257,17 +586,11 @@ class VolumeOps(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        if parent_inode == ROOT_INODE and name in (b".", b".."):
-            return self._root_attrs()
-        return _volume_attrs(self._find(parent_inode, name))
+        return self._lookup(parent_inode, name)
 
     @_request
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        if inode == ROOT_INODE:
-            return self._root_attrs()
-        vol_id = _vol_id(inode)
-        with _still_present(vol_id):
-            return _volume_attrs(self.pool.get(vol_id))
+        return self._inode_attrs(inode)
 
     @_request
     async def setattr(
@@ -278,12 +601,34 @@ class VolumeOps(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
+        ownership = fields.update_mode or fields.update_uid or fields.update_gid
         if inode == ROOT_INODE:
             raise PoolError(errno.EPERM, "the attributes of the pool root cannot be changed")
-        vol_id = _vol_id(inode)
-        with _still_present(vol_id):
+        if inode in (SNAPSHOTS_INODE, CLONES_INODE) or _is_snapshot_dir(inode):
+            raise PoolError(errno.EPERM, "the attributes of control directories cannot be changed")
+        if inode in (SNAPSHOTS_CTL_INODE, CLONES_CTL_INODE) or _is_clone_status(inode):
+            # Truncating a ctl file to 0 (``>`` without atomic O_TRUNC) and
+            # setting times (``touch``) are accepted and change nothing.
+            current = self._inode_attrs(inode)
+            if ownership:
+                raise PoolError(errno.EPERM, f"inode {inode}: the mode and owner of control "
+                                "files cannot be changed")
+            if fields.update_size and attr.st_size != current.st_size:
+                raise PoolError(errno.EROFS if _is_clone_status(inode) else errno.EINVAL,
+                                f"inode {inode}: control files cannot be resized")
+            return current
+        ds_id = _ds_id(inode)
+        with _still_present(ds_id):
+            if self.pool.is_snapshot(ds_id):
+                snap = self.pool.snapshot_get(ds_id)
+                if fields.update_size or ownership:
+                    raise PoolError(errno.EROFS, f"snapshot {snap.volume}@{snap.name} is "
+                                    "read-only")
+                # Times (touch) are accepted and not stored: a snapshot's
+                # times say when it was taken.
+                return _snapshot_attrs(snap)
             if fields.update_size:
-                self.pool.truncate(vol_id, attr.st_size)
+                self.pool.truncate(ds_id, attr.st_size)
             changes: dict[str, int] = {}
             if fields.update_mode:
                 changes["mode"] = stat.S_IMODE(attr.st_mode)
@@ -296,8 +641,8 @@ class VolumeOps(pyfuse3.Operations):
             if fields.update_mtime:
                 changes["mtime_ns"] = attr.st_mtime_ns
             if changes:
-                return _volume_attrs(self.pool.set_attrs(vol_id, **changes))
-            return _volume_attrs(self.pool.get(vol_id))
+                return _volume_attrs(self.pool.set_attrs(ds_id, **changes))
+            return _volume_attrs(self.pool.get(ds_id))
 
     @_request
     async def create(
@@ -308,6 +653,13 @@ class VolumeOps(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        if _is_snapshot_dir(parent_inode):
+            return self._create_snapshot(parent_inode, name)
+        if parent_inode in (SNAPSHOTS_INODE, CLONES_INODE):
+            where = "snapshots" if parent_inode == SNAPSHOTS_INODE else "clones"
+            raise PoolError(errno.EPERM, f"cannot create {_decode(name)!r} in .{where}: it "
+                            "holds only control files (take a snapshot with touch "
+                            ".snapshots/VOLUME/NAME, clone through .clones/ctl)")
         self._in_root(parent_inode)
         info = self.pool.create_volume(
             _decode(name),
@@ -317,23 +669,45 @@ class VolumeOps(pyfuse3.Operations):
             gid=ctx.gid,
         )
         self._names_changed()
-        self._handles[info.id] += 1
+        fh = self._new_handle(_DataHandle(info.id, (flags & os.O_ACCMODE) != os.O_RDONLY))
         log.debug("created volume %r (id %d)", info.name, info.id)
-        attrs = _volume_attrs(info)
-        return pyfuse3.FileInfo(fh=attrs.st_ino), attrs
+        return pyfuse3.FileInfo(fh=fh), _volume_attrs(info)
+
+    def _create_snapshot(self, parent_inode: int,
+                         name: bytes) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        """``touch .snapshots/VOL/NAME``: snapshot VOL as NAME and open it."""
+        vol = self._snapshot_dir(parent_inode)
+        snap = self.pool.snapshot([vol], _decode(name))[0]
+        self._snapshots_changed()
+        fh = self._new_handle(_DataHandle(snap.id, writable=False))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), _snapshot_attrs(snap)
 
     @_request
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if _is_snapshot_dir(parent_inode):
+            vol = self._snapshot_dir(parent_inode)
+            snap = self.pool.snapshot_lookup(vol, _decode(name))
+            self.pool.delete_snapshot(snap.id)
+            self._snapshots_changed()
+            self._warn_if_open(snap.id, f"snapshot {vol}@{snap.name} was deleted")
+            return
+        if parent_inode in (SNAPSHOTS_INODE, CLONES_INODE):
+            self._lookup(parent_inode, name)
+            raise PoolError(errno.EPERM, f"cannot remove control file {_decode(name)!r} (to "
+                            "delete a clone, remove the volume itself)")
         info = self._find(parent_inode, name)
         self.pool.delete_volume(info.id)
         self._names_changed()
-        self._warn_if_open(info, "was removed")
+        self._warn_if_open(info.id, f"volume {info.name!r} was removed")
         log.debug("removed volume %r (id %d)", info.name, info.id)
 
     @_request
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        info = self._find(parent_inode, name)
-        raise PoolError(errno.ENOTDIR, f"{info.name!r} is a volume, not a directory")
+        attrs = self._lookup(parent_inode, name)
+        if stat.S_ISDIR(attrs.st_mode):
+            raise PoolError(errno.EPERM, f"cannot remove directory {_decode(name)!r}: control "
+                            "directories come and go with volumes and snapshots")
+        raise PoolError(errno.ENOTDIR, f"{_decode(name)!r} is not a directory")
 
     @_request
     async def rename(
@@ -345,8 +719,17 @@ class VolumeOps(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
-        self._in_root(parent_inode_new)
-        source = self._find(parent_inode_old, name_old)
+        if parent_inode_old == ROOT_INODE and parent_inode_new == ROOT_INODE:
+            self._rename_volume(name_old, name_new, flags)
+        elif _is_snapshot_dir(parent_inode_old) and parent_inode_old == parent_inode_new:
+            self._rename_snapshot(parent_inode_old, name_old, name_new, flags)
+        else:
+            raise PoolError(errno.EPERM, f"cannot move {_decode(name_old)!r} to another "
+                            "directory: volumes stay in the mount root and snapshots in "
+                            "their volume's directory")
+
+    def _rename_volume(self, name_old: bytes, name_new: bytes, flags: int) -> None:
+        source = self._find(ROOT_INODE, name_old)
         new_name = _decode(name_new)
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise PoolError(errno.EINVAL, f"cannot exchange {source.name!r} and {new_name!r}: not supported")
@@ -363,51 +746,85 @@ class VolumeOps(pyfuse3.Operations):
         self.pool.rename_volume(source.id, new_name)
         self._names_changed()
         if target is not None:
-            self._warn_if_open(target, f"was replaced by {source.name!r}")
+            self._warn_if_open(target.id, f"volume {target.name!r} was replaced by "
+                               f"{source.name!r}")
         log.debug("renamed volume %r to %r", source.name, new_name)
+
+    def _rename_snapshot(self, parent_inode: int, name_old: bytes, name_new: bytes,
+                         flags: int) -> None:
+        """``mv .snapshots/VOL/a .snapshots/VOL/b``; EEXIST if ``b`` exists
+        (a snapshot is never replaced by a rename)."""
+        vol = self._snapshot_dir(parent_inode)
+        snap = self.pool.snapshot_lookup(vol, _decode(name_old))
+        new_name = _decode(name_new)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise PoolError(errno.EINVAL, f"cannot exchange snapshots {vol}@{snap.name} and "
+                            f"{vol}@{new_name}: not supported")
+        self.pool.rename_snapshot(snap.id, new_name)
+        self._snapshots_changed()
 
     @_request
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        raise PoolError(errno.EPERM, f"cannot create directory {_decode(name)!r}: only volumes live here")
+        raise PoolError(errno.EPERM, f"cannot create directory {_decode(name)!r}: only volumes "
+                        "and snapshots live here")
 
     @_request
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        raise PoolError(errno.EPERM, f"cannot create symlink {_decode(name)!r}: only volumes live here")
+        raise PoolError(errno.EPERM, f"cannot create symlink {_decode(name)!r}: only volumes "
+                        "and snapshots live here")
 
     @_request
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        raise PoolError(errno.EPERM, f"cannot create hard link {_decode(new_name)!r}: volumes have one name")
+        raise PoolError(errno.EPERM, f"cannot create hard link {_decode(new_name)!r}: volumes "
+                        "and snapshots have one name")
 
     @_request
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        raise PoolError(errno.EPERM, f"cannot create special file {_decode(name)!r}: only volumes live here")
+        raise PoolError(errno.EPERM, f"cannot create special file {_decode(name)!r}: only "
+                        "volumes and snapshots live here")
 
     # -- directory listing ------------------------------------------------
 
     @_request
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        if inode != ROOT_INODE:
-            raise PoolError(errno.ENOTDIR, f"inode {inode} is not a directory")
+        self._parent(inode)
         return inode
+
+    def _listing(self, inode: int) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
+        """The entries of directory ``inode`` other than '.' and '..'."""
+        if inode == ROOT_INODE:
+            return [(os.fsencode(info.name), _volume_attrs(info))
+                    for info in self.pool.volumes()]
+        if inode == SNAPSHOTS_INODE:
+            return [(CTL_NAME, self._ctl_attrs(SNAPSHOTS_CTL_INODE))] + [
+                (os.fsencode(name), self._snapshot_dir_attrs(name))
+                for name in self._snapshot_dir_names()]
+        if inode == CLONES_INODE:
+            return [(CTL_NAME, self._ctl_attrs(CLONES_CTL_INODE))] + [
+                (os.fsencode(info.name),
+                 self._status_attrs(info, control.clone_status(self.pool, info)))
+                for info in self.pool.volumes() if info.origin and info.name != _CTL]
+        vol = self._snapshot_dir(inode)
+        return [(os.fsencode(snap.name), _snapshot_attrs(snap))
+                for snap in self.pool.snapshots(vol)]
 
     @_request
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        root = self._root_attrs()
+        here = self._inode_attrs(fh)
         entries: list[tuple[bytes, pyfuse3.EntryAttributes, int]] = [
-            (b".", root, _DOT_POSITION),
-            (b"..", root, _DOTDOT_POSITION),
+            (b".", here, _DOT_POSITION),
+            (b"..", self._inode_attrs(self._parent(fh)), _DOTDOT_POSITION),
         ]
-        for info in sorted(self.pool.volumes(), key=lambda v: v.id):
-            attrs = _volume_attrs(info)
-            entries.append((os.fsencode(info.name), attrs, _position(attrs.st_ino)))
+        listing = sorted(self._listing(fh), key=lambda entry: entry[1].st_ino)
+        entries.extend((name, attrs, _position(attrs.st_ino)) for name, attrs in listing)
         for name, attrs, position in entries:
             if position <= start_id:
                 continue
@@ -428,26 +845,85 @@ class VolumeOps(pyfuse3.Operations):
 
     @_request
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        vol_id = _vol_id(inode)
-        self.pool.get(vol_id)
+        writing = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        if inode in (SNAPSHOTS_CTL_INODE, CLONES_CTL_INODE):
+            # O_TRUNC (``>``) is accepted: a ctl file is always empty.
+            ctl = (control.CtlFile.SNAPSHOTS if inode == SNAPSHOTS_CTL_INODE
+                   else control.CtlFile.CLONES)
+            # direct_io: every write reaches the handler as it was made, and
+            # reads are never cut short by the reported size of 0.
+            return pyfuse3.FileInfo(fh=self._new_handle(_CtlHandle(ctl)), direct_io=True)
+        if _is_clone_status(inode):
+            with _still_present(inode - CLONE_STATUS_INODE_BASE):
+                info = self._clone_by_id(inode - CLONE_STATUS_INODE_BASE)
+            if writing:
+                raise PoolError(errno.EROFS, f".clones/{info.name} is a read-only status file")
+            content = control.clone_status(self.pool, info)
+            return pyfuse3.FileInfo(fh=self._new_handle(_StatusHandle(content)),
+                                    direct_io=True)
+        ds_id = _ds_id(inode)
+        if self.pool.is_snapshot(ds_id):
+            snap = self.pool.snapshot_get(ds_id)
+            if writing:
+                raise PoolError(errno.EROFS, f"snapshot {snap.volume}@{snap.name} is "
+                                "read-only")
+            # A snapshot never changes: its cached pages stay valid.
+            return pyfuse3.FileInfo(fh=self._new_handle(_DataHandle(ds_id, False)),
+                                    keep_cache=True)
+        self.pool.get(ds_id)
         # libfuse asks the kernel for atomic O_TRUNC, so truncation on open
         # arrives here rather than as a separate setattr.
         if flags & os.O_TRUNC:
-            self.pool.truncate(vol_id, 0)
-        self._handles[vol_id] += 1
-        return pyfuse3.FileInfo(fh=inode)
+            self.pool.truncate(ds_id, 0)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        return pyfuse3.FileInfo(fh=self._new_handle(_DataHandle(ds_id, writable)))
 
     @_request
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        vol_id = _vol_id(fh)
-        with _still_present(vol_id):
-            return self.pool.read(vol_id, off, size)
+        handle = self._handle(fh)
+        if isinstance(handle, _DataHandle):
+            with _still_present(handle.ds_id):
+                return self.pool.read(handle.ds_id, off, size)
+        if isinstance(handle, _CtlHandle):
+            if off < handle.result_at:
+                handle.result_at = 0
+            start = off - handle.result_at
+            return handle.result[start:start + size]
+        return handle.content[off:off + size]
 
     @_request
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        vol_id = _vol_id(fh)
-        with _still_present(vol_id):
-            return self.pool.write(vol_id, off, buf)
+        handle = self._handle(fh)
+        if isinstance(handle, _DataHandle):
+            with _still_present(handle.ds_id):
+                return self.pool.write(handle.ds_id, off, buf)
+        if isinstance(handle, _CtlHandle):
+            return await self._command(handle, off, buf)
+        raise PoolError(errno.EROFS, "clone status files are read-only")
+
+    async def _command(self, handle: _CtlHandle, off: int, buf: bytes) -> int:
+        """Run the command written to a ctl handle; keep its reply for reads."""
+        # A refused write leaves the file position where it was.
+        handle.result_at = off
+        try:
+            command = control.parse(handle.ctl, buf)
+            outcome = control.execute(self.pool, command, self.open_for_writing)
+        except PoolError as err:
+            handle.result = control.error_line(str(err))
+            log.log(logging.WARNING if err.errno in (errno.EIO, errno.ENOSPC) else logging.INFO,
+                    "%s: command %s refused (%s): %s", handle.ctl.value,
+                    _describe_command(buf), err.errname, err)
+            raise pyfuse3.FUSEError(err.errno) from None
+        except BaseException as err:
+            handle.result = control.error_line(f"internal error: {err!r}")
+            raise
+        handle.result = outcome.line
+        handle.result_at = off + len(buf)
+        self._snapshots_changed()
+        if outcome.changes.root_names:
+            self._names_changed()
+        await self._invalidate(outcome.changes)
+        return len(buf)
 
     @_request
     async def flush(self, fh: int) -> None:
@@ -460,10 +936,61 @@ class VolumeOps(pyfuse3.Operations):
 
     @_request
     async def release(self, fh: int) -> None:
-        vol_id = _vol_id(fh)
-        self._handles[vol_id] -= 1
-        if self._handles[vol_id] <= 0:
-            del self._handles[vol_id]
+        handle = self._open.pop(fh, None)
+        if not isinstance(handle, _DataHandle):
+            return
+        for counter, counted in ((self._handles, True), (self._writers, handle.writable)):
+            if counted:
+                counter[handle.ds_id] -= 1
+                if counter[handle.ds_id] <= 0:
+                    del counter[handle.ds_id]
+
+    # -- extended attributes ------------------------------------------------
+
+    def _xattr_names(self, inode: int) -> list[bytes]:
+        if not _is_dataset(inode):
+            return []
+        ds_id = _ds_id(inode)
+        with _still_present(ds_id):
+            if self.pool.is_snapshot(ds_id):
+                return [XATTR_REFERENCED, XATTR_EXCLUSIVE, XATTR_CREATED]
+            names = [XATTR_REFERENCED, XATTR_EXCLUSIVE]
+            if self.pool.get(ds_id).origin:
+                names.append(XATTR_ORIGIN)
+            return names
+
+    @_request
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return self._xattr_names(inode)
+
+    @_request
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if name not in self._xattr_names(inode):
+            raise PoolError(errno.ENODATA, f"inode {inode} has no attribute {_decode(name)!r}")
+        ds_id = _ds_id(inode)
+        with _still_present(ds_id):
+            if name == XATTR_EXCLUSIVE:
+                return str(self.pool.space(ds_id)[1]).encode()
+            if self.pool.is_snapshot(ds_id):
+                snap = self.pool.snapshot_get(ds_id)
+                if name == XATTR_CREATED:
+                    return control.iso_utc(snap.created_ns).encode()
+                return str(snap.allocated).encode()
+            info = self.pool.get(ds_id)
+            if name == XATTR_ORIGIN:
+                return os.fsencode(str((info.origin or {}).get("source")))
+            return str(info.allocated).encode()
+
+    @_request
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        raise PoolError(errno.ENOTSUP, f"cannot set attribute {_decode(name)!r}: cowfs "
+                        "attributes are read-only")
+
+    @_request
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise PoolError(errno.ENOTSUP, f"cannot remove attribute {_decode(name)!r}: cowfs "
+                        "attributes are read-only")
 
     # -- file system ----------------------------------------------------
 
@@ -481,6 +1008,12 @@ class VolumeOps(pyfuse3.Operations):
         out.f_favail = out.f_ffree
         out.f_namemax = NAME_MAX
         return out
+
+
+def _describe_command(buf: bytes) -> str:
+    """A ctl write as shown in log lines: its text, cut short when long."""
+    text = repr(buf[:120].decode("utf-8", "backslashreplace").strip())
+    return text if len(buf) <= 120 else f"{text}... ({len(buf)} bytes)"
 
 
 # -- session control ---------------------------------------------------------

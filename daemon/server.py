@@ -11,8 +11,10 @@ Life of a mount:
 2. mount with libfuse (options: ``fsname=cowfs:<pool>``, ``subtype=cowfs``,
    ``default_permissions`` and the user's ``-o`` options);
 3. run the trio loop: the FUSE request loop, ``Pool.tick()`` once a second,
-   a receiver for SIGTERM/SIGINT/SIGHUP that stops the request loop, and a
-   check that the mount answers ``stat`` before announcing readiness;
+   a receiver for SIGTERM/SIGINT/SIGHUP that stops the request loop, the
+   task that tells the kernel to drop caches ctl commands made stale (a
+   restore replaces a volume's data), and a check that the mount answers
+   ``stat`` before announcing readiness;
 4. when the loop ends (signal, or the kernel unmounted us after
    ``umount``/``fusermount3 -u``): unmount if still mounted, then
    ``Pool.close()``, which flushes and checkpoints.
@@ -181,7 +183,7 @@ class MountEntry:
     source: bytes
 
 
-def _unescape_mountinfo(field: bytes) -> bytes:
+def unescape_mountinfo(field: bytes) -> bytes:
     return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
 
 
@@ -193,14 +195,14 @@ def mounts_at(mountpoint: str) -> list[MountEntry]:
     with open("/proc/self/mountinfo", "rb") as table:
         for line in table:
             fields = line.split()
-            if _unescape_mountinfo(fields[4]) != target:
+            if unescape_mountinfo(fields[4]) != target:
                 continue
             sep = fields.index(b"-", 6)
             found.append(
                 MountEntry(
                     mount_id=int(fields[0]),
                     fstype=fields[sep + 1].decode(errors="replace"),
-                    source=_unescape_mountinfo(fields[sep + 2]),
+                    source=unescape_mountinfo(fields[sep + 2]),
                 )
             )
     return found
@@ -341,6 +343,7 @@ async def _run_mount(session: _Session) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, session)
         nursery.start_soon(_housekeeping, session.pool)
+        nursery.start_soon(session.ops.serve_invalidations)
         nursery.start_soon(_confirm_live, session)
         try:
             await fuse_ops.serve_requests()
