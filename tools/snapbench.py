@@ -8,7 +8,7 @@ measures, through the mount's control files only:
   written to the volume;
 * the 1st versus the 1000th snapshot of one volume, and the 1st versus the
   1000th clone of one snapshot;
-* fio 4 KiB random-read IOPS (QD1, psync) on the original volume and on a
+* fio 4 KiB random-read IOPS (QD1, psync, O_DIRECT) on the original volume and on a
   clone 32 levels deep (a clone of a clone of ...), interleaved, twice.
 
 It prints a markdown table and saves the figures as JSON in the work directory.
@@ -72,7 +72,7 @@ def randread_iops(path: Path, size: int, runtime: int) -> float:
     """fio 4 KiB random-read IOPS, QD1, over the first ``size`` bytes of ``path``."""
     out = run(["fio", "--name=rr", f"--filename={path}", "--rw=randread", "--bs=4k",
                f"--size={size}", "--ioengine=psync", "--iodepth=1", "--time_based=1",
-               f"--runtime={runtime}", "--invalidate=1", "--output-format=json"],
+               f"--runtime={runtime}", "--direct=1", "--output-format=json"],
               f"random reads on {path}", timeout=runtime + 300)
     return float(json.loads(out)["jobs"][0]["read"]["iops"])
 
