@@ -24,9 +24,10 @@ SNAPBENCH_ARGS ?=
 # fuse3/libfuse3-dev/pkg-config and a C toolchain with Python headers build and
 # run pyfuse3; python3-venv provides ensurepip for Debian's python3; fio,
 # e2fsprogs (mkfs.ext4, fsck) and util-linux (losetup) are used by the tests
-# and the benchmark; kmod provides modprobe; attr provides getfattr.
+# and the benchmark; kmod provides modprobe; attr provides getfattr;
+# qemu-utils provides qemu-img (the snapshot contract says it reads images).
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc libc6-dev python3-dev \
-                python3-venv fio e2fsprogs util-linux kmod attr
+                python3-venv fio e2fsprogs util-linux kmod attr qemu-utils
 
 # Privileged commands go through sudo unless we already are root.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
