@@ -161,8 +161,9 @@ class Tree:
 
     # -- reading ---------------------------------------------------------------
 
-    def _find_leaf(self, root: int, key: int) -> tuple[Node, int]:
-        """The leaf whose range holds ``key`` and the upper bound of that range."""
+    def find_leaf(self, root: int, key: int) -> tuple[Node, int]:
+        """The leaf whose range holds ``key`` and the upper bound of that range
+        (``KEY_END`` for the last leaf)."""
         node = self.store.get(root)
         ub = KEY_END
         while not node.leaf:
@@ -181,7 +182,7 @@ class Tree:
         end = lba + n
         pos = lba
         while root and pos < end:
-            leaf, ub = self._find_leaf(root, pos)
+            leaf, ub = self.find_leaf(root, pos)
             keys = leaf.keys
             i = bisect_left(keys, pos)
             stop = end if end < ub else ub

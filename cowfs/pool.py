@@ -37,6 +37,7 @@ from .errors import ChecksumError, FormatError, PoolError
 from .format import (BLOCK, DATA_FILE, FLAG_COMPRESSION, JOURNAL_FILE, META_FILE, POOL_FILES,
                      SECTOR, SECTORS_PER_BLOCK, SUPERBLOCK_FILE, Blob, Superblock, checksum,
                      new_uuid, units_of, unpack_array, FORMAT_VERSION)
+from .integrity import recount
 from .journal import (ATTR, CREATE, ONE_ID, R_ATTR, R_CREATE, R_DELETE, R_RENAME, R_TRUNCATE,
                       R_SNAPOP, R_WRITE, RENAME, TRUNCATE, WRITE, Journal, replay)
 from .snapshots import SnapshotOps
@@ -103,6 +104,9 @@ class Pool(SnapshotOps):
         self.mpage_csums = array("Q")
         self.blob_units: list[int] = []
         self.failed: str | None = None
+        self.readonly = False
+        self.checksum_errors = 0     # checksum mismatches seen since mount
+        self.io_errors = 0           # I/O errors from the pool's files since mount
         self.closed = False
         self._locked = False
         self._replaying = False
@@ -161,8 +165,10 @@ class Pool(SnapshotOps):
                  "on" if compression else "off")
 
     @classmethod
-    def open(cls, storage: Storage, *, lock: bool = True) -> "Pool":
+    def open(cls, storage: Storage, *, lock: bool = True, readonly: bool = False) -> "Pool":
         """Mount: lock the pool, load its newest checkpoint, replay the journal.
+
+        ``readonly`` (fsck) replays in memory only and never writes the pool.
 
         Raises PoolError(EBUSY) if the pool is in use, FormatError with a
         message naming the pool if it is not a pool, damaged, or of an unknown
@@ -176,7 +182,7 @@ class Pool(SnapshotOps):
                                 f"cannot open pool {storage.label}: {e.strerror}") from None
         try:
             try:
-                pool = cls._load(storage)
+                pool = cls._load(storage, readonly)
             except OSError as e:
                 what = os.path.basename(e.filename) if e.filename else "its files"
                 raise FormatError(f"pool {storage.label}: cannot read {what}: "
@@ -189,7 +195,7 @@ class Pool(SnapshotOps):
         return pool
 
     @classmethod
-    def _load(cls, storage: Storage) -> "Pool":
+    def _load(cls, storage: Storage, readonly: bool) -> "Pool":
         label = storage.label
         names = [n for n in storage.names() if n != "lock"]
         if SUPERBLOCK_FILE not in names:
@@ -214,6 +220,7 @@ class Pool(SnapshotOps):
                               "are missing or damaged")
         sb = max(valid, key=lambda s: s.gen)
         pool = cls(storage, sb)
+        pool.readonly = readonly
         try:
             pool._load_checkpoint()
             pool._replay()
@@ -290,14 +297,15 @@ class Pool(SnapshotOps):
         self.drc.release_pending()
         if count:
             log.info("pool %s: replayed %d journal records", self.label, count)
-            self.checkpoint()
+            if not self.readonly:
+                self.checkpoint()
 
     def close(self) -> None:
         """Make everything durable (checkpoint) and release the pool.  Idempotent."""
         if self.closed:
             return
         try:
-            if self.failed is None and self._changed_since_checkpoint():
+            if self.failed is None and not self.readonly and self._changed_since_checkpoint():
                 self.checkpoint()
         finally:
             self.closed = True
@@ -505,6 +513,7 @@ class Pool(SnapshotOps):
         msg = (f"pool {self.label}: volume {v.name!r}: checksum mismatch at offset "
                f"{block * BLOCK} (data sector {sector}); returning EIO")
         log.error(msg)
+        self.checksum_errors += 1
         raise ChecksumError(msg)
 
     def write(self, vol_id: int, offset: int, data: bytes | memoryview) -> int:
@@ -680,6 +689,7 @@ class Pool(SnapshotOps):
         if e.errno == errno.ENOSPC:
             return PoolError(errno.ENOSPC, f"pool {self.label} is full ({doing}): "
                              "the file system under it has no space left")
+        self.io_errors += 1
         log.error("pool %s: I/O error %s", self.label, doing, exc_info=e)
         return PoolError(errno.EIO, f"pool {self.label}: I/O error {doing}: {e.strerror}")
 
@@ -787,6 +797,8 @@ class Pool(SnapshotOps):
         """Write all dirty metadata to fresh units and switch the superblock
         to it; the journal then starts over.  Everything is durable after."""
         self._usable()
+        if self.readonly:
+            raise PoolError(errno.EROFS, f"pool {self.label} is open read-only")
         try:
             self._checkpoint()
         except BaseException as e:
@@ -1026,56 +1038,7 @@ class Pool(SnapshotOps):
     def check(self) -> list[str]:
         """Recount every reference from the trees and compare with the
         reference tables: ``[]`` when consistent, else one line per problem."""
-        problems: list[str] = []
-        exp_m: dict[int, int] = {}
-        exp_d: dict[int, int] = {}
-        seen: set[int] = set()
-        data_units = len(self.drc)
-        for v in self.datasets.values():
-            if v.root:
-                exp_m[v.root] = exp_m.get(v.root, 0) + 1
-            stack = [v.root] if v.root else []
-            while stack:
-                addr = stack.pop()
-                if addr in seen:
-                    continue
-                seen.add(addr)
-                try:
-                    node = self.store.get(addr)
-                except PoolError as e:
-                    problems.append(str(e))
-                    continue
-                if list(node.keys) != sorted(node.keys):
-                    problems.append(f"node {addr}: keys out of order")
-                if node.leaf:
-                    for s, sl in zip(node.addrs, node.slens):
-                        for u in units_of(s, sl):
-                            if u >= data_units:
-                                problems.append(f"node {addr}: pointer past the data file")
-                            exp_d[u] = exp_d.get(u, 0) + 1
-                else:
-                    for c in node.children:
-                        exp_m[c] = exp_m.get(c, 0) + 1
-                        stack.append(c)
-            mapped = self.tree.count_keys(v.root)
-            if mapped != v.mapped:
-                problems.append(f"volume {v.name}: {v.mapped} blocks counted, {mapped} mapped")
-            if v.root:
-                limit = -(-v.size // BLOCK)
-                for node, _ in self.tree.iter_nodes(v.root):
-                    if node.leaf and len(node.keys) and node.keys[-1] >= limit:
-                        problems.append(f"volume {v.name}: block {node.keys[-1]} mapped past "
-                                        f"its size {v.size}")
-        for what, table, exp in (("meta", self.mrc, exp_m), ("data", self.drc, exp_d)):
-            for u in range(len(table)):
-                have = table.count(u)
-                want = exp.get(u, 0)
-                if have != want:
-                    problems.append(f"{what} unit {u}: reference count {have}, "
-                                    f"{want} references found")
-                elif want and table.rc[u] in (RESERVED, SYSTEM):
-                    problems.append(f"{what} unit {u}: referenced but marked {table.rc[u]}")
-        return problems
+        return [f.message for f in recount(self)]
 
     def __repr__(self) -> str:
         return f"Pool({self.label!r}, {len(self.by_name)} volumes, {len(self.snaps)} snapshots)"
