@@ -27,7 +27,7 @@ from .blockio import Storage
 from .btree import KEY_END
 from .errors import PoolError
 from .format import BLOCK, SECTOR, checksum, units_of
-from .spacemap import RESERVED, SYSTEM
+from .spacemap import MAX_DIRECT, OVERFLOW, PAGE_SHIFT, RESERVED, SYSTEM
 
 if TYPE_CHECKING:
     from .format import Node
@@ -68,9 +68,9 @@ class FsckReport:
                 "datasets": self.datasets, "findings": [asdict(f) for f in self.findings]}
 
 
-def recount(pool: "Pool") -> list[Finding]:
-    """Recount every reference from the trees and compare with the tables."""
-    found: list[Finding] = []
+def _count_references(pool: "Pool", found: list[Finding]) -> tuple[dict[int, int], dict[int, int]]:
+    """References every tree holds on meta units and on data units, each
+    shared node counted once; damaged nodes and wild pointers go to ``found``."""
     exp_m: dict[int, int] = {}
     exp_d: dict[int, int] = {}
     seen: set[int] = set()
@@ -104,6 +104,14 @@ def recount(pool: "Pool") -> list[Finding]:
                 for c in node.children:
                     exp_m[c] = exp_m.get(c, 0) + 1
                     stack.append(c)
+    return exp_m, exp_d
+
+
+def recount(pool: "Pool") -> list[Finding]:
+    """Recount every reference from the trees and compare with the tables."""
+    found: list[Finding] = []
+    exp_m, exp_d = _count_references(pool, found)
+    for v in pool.datasets.values():
         try:
             mapped = pool.tree.count_keys(v.root)
             if mapped != v.mapped:
@@ -138,28 +146,9 @@ def recount(pool: "Pool") -> list[Finding]:
 
 def _fix_counts(pool: "Pool") -> None:
     """Set every reference count and mapped-block count to what the trees say."""
-    exp_m: dict[int, int] = {}
-    exp_d: dict[int, int] = {}
-    seen: set[int] = set()
+    exp_m, exp_d = _count_references(pool, [])
     for v in pool.datasets.values():
         v.mapped = pool.tree.count_keys(v.root)
-        if v.root:
-            exp_m[v.root] = exp_m.get(v.root, 0) + 1
-        stack = [v.root] if v.root else []
-        while stack:
-            addr = stack.pop()
-            if addr in seen:
-                continue
-            seen.add(addr)
-            node = pool.store.get(addr)
-            if node.leaf:
-                for s, sl in zip(node.addrs, node.slens):
-                    for u in units_of(s, sl):
-                        exp_d[u] = exp_d.get(u, 0) + 1
-            else:
-                for c in node.children:
-                    exp_m[c] = exp_m.get(c, 0) + 1
-                    stack.append(c)
     for table, exp in ((pool.mrc, exp_m), (pool.drc, exp_d)):
         for u in range(len(table)):
             if table.rc[u] in (SYSTEM, RESERVED):
@@ -167,12 +156,12 @@ def _fix_counts(pool: "Pool") -> None:
             want = exp.get(u, 0)
             if table.count(u) != want:
                 table.overflow.pop(u, None)
-                if want > 250:
-                    table.rc[u] = 251
+                if want > MAX_DIRECT:
+                    table.rc[u] = OVERFLOW
                     table.overflow[u] = want
                 else:
                     table.rc[u] = want
-                table.dirty_pages.add(u >> 12)
+                table.dirty_pages.add(u >> PAGE_SHIFT)
 
 
 class Scrubber:
