@@ -179,7 +179,8 @@ class Scrubber:
         self._leaf_bad: dict[int, tuple[int, ...]] = {}
         self._reported: set[tuple[str, int | None]] = set()
         self.blocks_total = sum(pool.datasets[i].mapped for i in self._ids)
-        self.blocks_done = 0
+        self.blocks_done = 0       # blocks covered, per dataset (progress)
+        self.blocks_read = 0       # distinct blocks read and verified
         self.bad: list[Finding] = []
         self.started_ns = time.time_ns()
         self.finished_ns: int | None = None
@@ -211,6 +212,9 @@ class Scrubber:
                 bad = self._verify_leaf(leaf)
                 self._leaf_bad[leaf.addr] = bad
                 budget -= max(1, len(leaf.keys))
+            # Progress counts every dataset's blocks, shared ones included,
+            # so that it ends at blocks_total; shared leaves are read once.
+            self.blocks_done += len(leaf.keys)
             for key in bad:
                 self._report(Finding("bad-block", ds.label, key * BLOCK,
                                      f"{ds.label}: checksum mismatch at offset {key * BLOCK}"))
@@ -243,7 +247,7 @@ class Scrubber:
             except OSError:
                 pool.io_errors += 1
                 ok = False
-            self.blocks_done += 1
+            self.blocks_read += 1
             if not ok:
                 bad.append(k)
         if bad:
@@ -263,6 +267,7 @@ class Scrubber:
                  else "running")
         return {"state": state, "started_ns": self.started_ns, "finished_ns": self.finished_ns,
                 "blocks_checked": self.blocks_done, "blocks_total": self.blocks_total,
+                "blocks_read": self.blocks_read,
                 "bad_blocks": [asdict(f) for f in self.bad]}
 
 
@@ -280,7 +285,7 @@ def fsck(storage: Storage, repair: bool = False) -> FsckReport:
         scrub = Scrubber(pool)
         while not scrub.step(4096):
             pass
-        report.blocks_checked = scrub.blocks_done
+        report.blocks_checked = scrub.blocks_read
         report.findings.extend(scrub.bad)
         report.nodes_checked = len(scrub._leaf_bad)
         problems = recount(pool)

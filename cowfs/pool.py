@@ -510,7 +510,7 @@ class Pool(SnapshotOps):
             raise self._io_error(e, f"reading {v.label} (data sector {sector})") from None
 
     def _bad_block(self, v: Dataset, block: int, sector: int) -> None:
-        msg = (f"pool {self.label}: volume {v.name!r}: checksum mismatch at offset "
+        msg = (f"pool {self.label}: {v.label}: checksum mismatch at offset "
                f"{block * BLOCK} (data sector {sector}); returning EIO")
         log.error(msg)
         self.checksum_errors += 1

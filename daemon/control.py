@@ -1,4 +1,5 @@
-"""The ``ctl`` protocol of ``.snapshots/ctl`` and ``.clones/ctl``, without FUSE.
+"""The ``ctl`` protocol of ``.snapshots/ctl``, ``.clones/ctl`` and
+``.pool/ctl``, without FUSE.
 
 One ``write()`` on a ctl file is one command.  :func:`parse` turns the bytes
 of a write into a :class:`Command` (or refuses with EINVAL), :func:`execute`
@@ -17,6 +18,8 @@ flags, so a later word starting with ``--`` is a name)::
                     rename VOL@OLD NEW
     .clones/ctl     clone SRC NEW [--dry-run]          SRC is VOL or VOL@SNAP
                     clone-group SNAP (--prefix P | --suffix S)... VOL... [--dry-run]
+    .pool/ctl       scrub [--rate BYTES_PER_SECOND]    (K, M, G suffixes: powers of 1024)
+                    scrub-cancel
 
 A word holding ``@`` is split at its last ``@`` (snapshot names cannot hold
 one).  Replies (one line each)::
@@ -26,11 +29,18 @@ one).  Replies (one line each)::
     ok {"volume": VOL, "snapshot": NAME, "freed_bytes": N}          (delete)
     ok {"volume": VOL, "from": OLD, "to": NEW}                      (rename)
     ok {"clones": [{"volume": NEW, "source": "VOL[@SNAP]"}, ...], "dry_run": BOOL}
+    ok <ScrubJob.to_json()>                                         (scrub, scrub-cancel)
     error: <command>: <message naming the object and the cause>
 
 ``--dry-run`` runs every check the real command runs (restore's EBUSY
-check included) and changes nothing.  The clone status files of ``.clones`` are formatted here too
-(:func:`clone_status`).
+check included) and changes nothing.  The clone status files of ``.clones``
+and ``.pool/status`` are formatted here too (:func:`clone_status`,
+:func:`pool_status`).
+
+The commands of ``.pool/ctl`` are not run by :func:`execute`: a scrub
+outlives the write that starts it.  :func:`start_scrub` and
+:func:`cancel_scrub` check and prepare them and the FUSE layer runs the
+:class:`ScrubJob` in the background, pacing it with :meth:`ScrubJob.pause`.
 """
 
 from __future__ import annotations
@@ -45,7 +55,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from cowfs.errors import PoolError
-from cowfs.pool import Pool, VolumeInfo, validate_name
+from cowfs.integrity import Scrubber
+from cowfs.pool import BLOCK, Pool, VolumeInfo, validate_name
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +71,7 @@ class CtlFile(Enum):
 
     SNAPSHOTS = ".snapshots/ctl"
     CLONES = ".clones/ctl"
+    POOL = ".pool/ctl"
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,10 @@ _VERBS: dict[CtlFile, dict[str, _Verb]] = {
         "clone-group": _Verb("clone-group SNAP (--prefix P | --suffix S) VOL... [--dry-run]",
                              2, None, frozenset({"--dry-run"}),
                              frozenset({"--prefix", "--suffix"})),
+    },
+    CtlFile.POOL: {
+        "scrub": _Verb("scrub [--rate BYTES_PER_SECOND]", 0, 0, options=frozenset({"--rate"})),
+        "scrub-cancel": _Verb("scrub-cancel", 0, 0),
     },
 }
 
@@ -384,3 +400,125 @@ _RUNNERS: dict[str, Callable[[Pool, Command, BusyCheck, Changes], dict]] = {
     "clone": _clone,
     "clone-group": _clone_group,
 }
+
+
+# -- .pool/ctl: scrubs ----------------------------------------------------------
+
+# Block pointers a scrub verifies between two chances for other requests to
+# run (about 1 MiB of reads): long enough to amortise the pause, short enough
+# that a request waiting behind it is not noticeably delayed.
+SCRUB_SLICE_BLOCKS = 256
+
+# With a rate limit, a slice holds at most this many seconds' worth of blocks,
+# so the limit is kept smoothly rather than in bursts.
+_RATE_QUANTUM = 0.1
+
+_RATE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_rate(text: str) -> int:
+    """A scrub rate in bytes per second: a whole number with an optional
+    K, M, G or T suffix (powers of 1024; ``50M``, ``50MiB``, ``1g`` and
+    ``50M/s`` are all accepted).  EINVAL for anything else or a rate below one
+    block per second."""
+    word = text.strip().upper().removesuffix("/S").removesuffix("IB").removesuffix("B")
+    suffix = word[-1:] if word[-1:] in _RATE_SUFFIXES else ""
+    digits = word[:len(word) - len(suffix)]
+    if not digits.isdigit():
+        raise _refuse(f"scrub: rate {text[:40]!r} is not a number of bytes per second "
+                      "(e.g. 52428800, 50M or 1G)")
+    rate = int(digits) * _RATE_SUFFIXES[suffix]
+    if rate < BLOCK:
+        raise _refuse(f"scrub: rate {text[:40]!r} is below one {BLOCK}-byte block per second")
+    return rate
+
+
+class ScrubJob:
+    """One scrub of a mounted pool: its :class:`~cowfs.integrity.Scrubber`,
+    its rate limit (bytes of volume data verified per second, 4 KiB per
+    block; None = as fast as the daemon can while serving requests) and the
+    error that stopped it early, if any."""
+
+    def __init__(self, pool: Pool, rate: int | None) -> None:
+        self.scrubber = Scrubber(pool)
+        self.rate = rate
+        self.error: str | None = None
+
+    @property
+    def running(self) -> bool:
+        """Whether the scrub still has blocks to verify."""
+        return not self.scrubber.finished
+
+    def slice_blocks(self) -> int:
+        """How many blocks to verify in the next step."""
+        if self.rate is None:
+            return SCRUB_SLICE_BLOCKS
+        return max(1, min(SCRUB_SLICE_BLOCKS, int(self.rate * _RATE_QUANTUM) // BLOCK))
+
+    def pause(self, elapsed: float) -> float:
+        """Seconds to wait before the next step, ``elapsed`` seconds after the
+        scrub started, so that the blocks verified so far keep to the rate."""
+        if self.rate is None:
+            return 0.0
+        return max(0.0, self.scrubber.blocks_done * BLOCK / self.rate - elapsed)
+
+    def fail(self, message: str) -> None:
+        """Stop the scrub because of an error (``message`` names it)."""
+        self.error = message
+        self.scrubber.cancel()
+
+    def to_json(self) -> dict:
+        """The scrubber's report plus ``rate`` (bytes per second or None);
+        a scrub stopped by an error has state ``failed`` and its ``error``."""
+        doc = self.scrubber.to_json()
+        doc["rate"] = self.rate
+        if self.error is not None:
+            doc["state"] = "failed"
+            doc["error"] = self.error
+        return doc
+
+
+def start_scrub(pool: Pool, command: Command, current: ScrubJob | None) -> ScrubJob:
+    """The job for a ``scrub`` command, not yet started.  EBUSY while
+    ``current`` (the last job) is still running, EINVAL for a bad rate."""
+    if current is not None and current.running:
+        done, total = current.scrubber.blocks_done, current.scrubber.blocks_total
+        raise PoolError(errno.EBUSY, f"scrub: a scrub of pool {pool.label} is already running "
+                        f"({done} of {total} blocks checked); wait for it to finish or stop "
+                        "it with scrub-cancel")
+    rate = parse_rate(command.options["rate"]) if "rate" in command.options else None
+    return ScrubJob(pool, rate)
+
+
+def cancel_scrub(pool: Pool, current: ScrubJob | None) -> ScrubJob:
+    """Stop the running scrub ``current`` and return it; ENOENT when none
+    is running."""
+    if current is None or not current.running:
+        raise PoolError(errno.ENOENT, f"scrub-cancel: no scrub is running on pool {pool.label}")
+    current.scrubber.cancel()
+    return current
+
+
+def pool_status(pool: Pool, scrub: ScrubJob | None, mounted_ns: int) -> bytes:
+    """The content of ``.pool/status``: one JSON object and a newline with the
+    pool's directory, its volume and snapshot counts, the checksum and I/O
+    errors seen since it was mounted (at ``mounted_ns``), why it stopped
+    serving if it did, and the current or last scrub (None before the first)."""
+    try:
+        volumes: int | None = len(pool.volumes())
+        snapshots: int | None = len(pool.snapshots())
+    except PoolError:
+        # A pool stopped by an internal error refuses listings; its status
+        # matters all the more.
+        volumes = snapshots = None
+    status = {
+        "pool": pool.label,
+        "mounted": iso_utc(mounted_ns),
+        "volumes": volumes,
+        "snapshots": snapshots,
+        "checksum_errors": pool.checksum_errors,
+        "io_errors": pool.io_errors,
+        "failed": pool.failed,
+        "scrub": scrub.to_json() if scrub is not None else None,
+    }
+    return json.dumps(status).encode() + b"\n"

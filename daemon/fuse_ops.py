@@ -17,9 +17,12 @@ The mount::
     /.clones/               hidden
     /.clones/ctl            ctl protocol: clone, clone-group
     /.clones/VOL            read-only JSON status of each clone
+    /.pool/                 hidden
+    /.pool/ctl              ctl protocol: scrub, scrub-cancel
+    /.pool/status           read-only JSON: counters, current or last scrub
 
-Inode numbers: the root is ``pyfuse3.ROOT_INODE``, the control directories
-and ctl files have fixed numbers below ``VOLUME_INODE_BASE``; volumes and
+Inode numbers: the root is ``pyfuse3.ROOT_INODE``, the control directories,
+ctl and status files have fixed numbers below ``VOLUME_INODE_BASE``; volumes and
 snapshots share one id space in the pool, so either is ``VOLUME_INODE_BASE``
 plus its id (ids are never reused, so these numbers are stable across
 renames and remounts).  ``.snapshots/VOL`` directories get numbers from
@@ -35,7 +38,15 @@ The engine is single-threaded and synchronous.  Handlers call it directly and
 never await while doing so, so engine calls are serialised by the trio loop.
 The only await is after a ctl command: the kernel's caches of what it
 changed are invalidated by :meth:`VolumeOps.serve_invalidations`, a separate
-task, while the handler waits for that (with a time limit).
+task, while the handler waits for that (with a time limit).  Scrubs run in
+another task, :meth:`VolumeOps.serve_scrubs`, a slice of blocks at a time
+with a checkpoint between slices, so requests are answered while they run.
+
+Logging: every refused ctl command is logged once, naming the ctl file, the
+command and the cause (the server's log format names the pool on every
+line).  A checksum failure is logged once, by the engine, which names the
+pool, the volume and the offset; the refusal of the read that met it is then
+not logged again.
 """
 
 from __future__ import annotations
@@ -57,7 +68,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from cowfs.errors import PoolError
+from cowfs.errors import ChecksumError, PoolError
 from cowfs.pool import BLOCK, Pool, SnapshotInfo, VolumeInfo
 
 from . import control
@@ -69,14 +80,27 @@ SNAPSHOTS_INODE = 2
 SNAPSHOTS_CTL_INODE = 3
 CLONES_INODE = 4
 CLONES_CTL_INODE = 5
+POOL_INODE = 6
+POOL_CTL_INODE = 7
+POOL_STATUS_INODE = 8
 VOLUME_INODE_BASE = 1000
 SNAPSHOT_DIR_INODE_BASE = 1 << 48
 CLONE_STATUS_INODE_BASE = 1 << 49
 
 SNAPSHOTS_NAME = b".snapshots"
 CLONES_NAME = b".clones"
+POOL_NAME = b".pool"
 CTL_NAME = b"ctl"
+STATUS_NAME = b"status"
 _CTL = CTL_NAME.decode()
+
+# The ctl files and which commands each accepts.
+_CTL_FILES = {
+    SNAPSHOTS_CTL_INODE: control.CtlFile.SNAPSHOTS,
+    CLONES_CTL_INODE: control.CtlFile.CLONES,
+    POOL_CTL_INODE: control.CtlFile.POOL,
+}
+_CONTROL_DIRS = (SNAPSHOTS_INODE, CLONES_INODE, POOL_INODE)
 
 # Seconds the kernel may cache names and attributes.  Volumes change only
 # through this mount, so caching is safe; a short timeout keeps changes made
@@ -159,6 +183,10 @@ def _request(handler: _Handler) -> _Handler:
             return await handler(self, *args)
         except pyfuse3.FUSEError:
             raise
+        except ChecksumError as err:
+            # The engine has logged it, naming pool, volume and offset.
+            log.debug("%s refused (%s): %s", op, err.errname, err)
+            raise pyfuse3.FUSEError(err.errno) from None
         except PoolError as err:
             log.log(_log_level(err.errno), "%s refused (%s): %s", op, err.errname, err)
             raise pyfuse3.FUSEError(err.errno) from None
@@ -196,6 +224,11 @@ def _is_snapshot_dir(inode: int) -> bool:
 
 def _is_clone_status(inode: int) -> bool:
     return inode >= CLONE_STATUS_INODE_BASE
+
+
+def _is_status(inode: int) -> bool:
+    """Whether ``inode`` is a read-only status file (a clone's or the pool's)."""
+    return inode == POOL_STATUS_INODE or _is_clone_status(inode)
 
 
 def _ds_id(inode: int) -> int:
@@ -273,7 +306,8 @@ class _CtlHandle:
 
 @dataclass
 class _StatusHandle:
-    """An open clone status file: its content as of the open."""
+    """An open status file (a clone's or the pool's): its content as of the
+    open."""
 
     content: bytes
 
@@ -322,8 +356,10 @@ class VolumeOps(pyfuse3.Operations):
     EPERM.  In ``.snapshots/VOL`` creating a file takes a snapshot, removing
     one deletes it and renaming one renames it; snapshot images refuse
     writes, truncation, chmod and chown with EROFS.  The ctl files run one
-    command per write (:mod:`cowfs_daemon.control`).  The handlers never
-    raise anything but ``pyfuse3.FUSEError``.
+    command per write (:mod:`cowfs_daemon.control`); ``.pool/ctl`` starts
+    and cancels scrubs, which :meth:`serve_scrubs` runs, and
+    ``.pool/status`` reports them with the pool's error counters.  The
+    handlers never raise anything but ``pyfuse3.FUSEError``.
     """
 
     def __init__(self, pool: Pool) -> None:
@@ -350,6 +386,15 @@ class VolumeOps(pyfuse3.Operations):
         self._dir_name: dict[int, str] = {}
         self._invalidations_in, self._invalidations_out = \
             trio.open_memory_channel[_Invalidation](math.inf)
+        # The current or last scrub (at most one runs at a time), and the
+        # cancel scope of the one serve_scrubs is running, so that a cancel
+        # also cuts short the pause a rate limit imposes.
+        self._mounted_ns = time.time_ns()
+        self._scrub: control.ScrubJob | None = None
+        self._scrub_scope: trio.CancelScope | None = None
+        self._scrubs_in, self._scrubs_out = \
+            trio.open_memory_channel[control.ScrubJob](math.inf)
+        self._scrubs_served = False
 
     # -- helpers --------------------------------------------------------
 
@@ -365,6 +410,15 @@ class VolumeOps(pyfuse3.Operations):
         return _attrs(inode, stat.S_IFREG | 0o600, uid=self._root_uid, gid=self._root_gid,
                       atime_ns=self._control_mtime_ns, mtime_ns=self._control_mtime_ns,
                       ctime_ns=self._control_mtime_ns)
+
+    def _pool_status(self) -> bytes:
+        return control.pool_status(self.pool, self._scrub, self._mounted_ns)
+
+    def _pool_status_attrs(self, content: bytes) -> pyfuse3.EntryAttributes:
+        # Counters and scrub progress change all the time: no caching.
+        return _attrs(POOL_STATUS_INODE, stat.S_IFREG | 0o444, uid=self._root_uid,
+                      gid=self._root_gid, size=len(content), atime_ns=self._mounted_ns,
+                      mtime_ns=time.time_ns(), ctime_ns=self._mounted_ns, timeout=0)
 
     def _status_attrs(self, info: VolumeInfo, content: bytes) -> pyfuse3.EntryAttributes:
         created = (info.origin or {}).get("created", 0)
@@ -457,10 +511,12 @@ class VolumeOps(pyfuse3.Operations):
         if inode == SNAPSHOTS_INODE:
             return self._dir_attrs(inode, self._control_mtime_ns,
                                    2 + len(self._snapshot_dir_names()))
-        if inode == CLONES_INODE:
+        if inode in (CLONES_INODE, POOL_INODE):
             return self._dir_attrs(inode, self._control_mtime_ns)
-        if inode in (SNAPSHOTS_CTL_INODE, CLONES_CTL_INODE):
+        if inode in _CTL_FILES:
             return self._ctl_attrs(inode)
+        if inode == POOL_STATUS_INODE:
+            return self._pool_status_attrs(self._pool_status())
         if _is_clone_status(inode):
             with _still_present(inode - CLONE_STATUS_INODE_BASE):
                 info = self._clone_by_id(inode - CLONE_STATUS_INODE_BASE)
@@ -471,7 +527,7 @@ class VolumeOps(pyfuse3.Operations):
 
     def _parent(self, inode: int) -> int:
         """The parent of directory ``inode`` (ENOTDIR for files)."""
-        if inode in (ROOT_INODE, SNAPSHOTS_INODE, CLONES_INODE):
+        if inode == ROOT_INODE or inode in _CONTROL_DIRS:
             return ROOT_INODE
         if _is_snapshot_dir(inode):
             self._snapshot_dir(inode)
@@ -489,6 +545,8 @@ class VolumeOps(pyfuse3.Operations):
                 return self._inode_attrs(SNAPSHOTS_INODE)
             if name == CLONES_NAME:
                 return self._inode_attrs(CLONES_INODE)
+            if name == POOL_NAME:
+                return self._inode_attrs(POOL_INODE)
             return _volume_attrs(self._find(parent_inode, name))
         if parent_inode == SNAPSHOTS_INODE:
             if name == CTL_NAME:
@@ -502,6 +560,13 @@ class VolumeOps(pyfuse3.Operations):
                 return self._ctl_attrs(CLONES_CTL_INODE)
             info = self._clone(_decode(name))
             return self._status_attrs(info, control.clone_status(self.pool, info))
+        if parent_inode == POOL_INODE:
+            if name == CTL_NAME:
+                return self._ctl_attrs(POOL_CTL_INODE)
+            if name == STATUS_NAME:
+                return self._inode_attrs(POOL_STATUS_INODE)
+            raise PoolError(errno.ENOENT, f"no {_decode(name)!r} in .pool (it holds ctl and "
+                            "status)")
         if _is_snapshot_dir(parent_inode):
             vol = self._snapshot_dir(parent_inode)
             return _snapshot_attrs(self.pool.snapshot_lookup(vol, _decode(name)))
@@ -580,6 +645,64 @@ class VolumeOps(pyfuse3.Operations):
             log.warning("the kernel has not dropped its cached copies within %.0f s; "
                         "readers may see old data until it does", INVALIDATE_WAIT)
 
+    # -- scrubs ----------------------------------------------------------
+
+    def _pool_command(self, command: control.Command) -> control.Outcome:
+        """Run a ``.pool/ctl`` command: start a scrub (handed to
+        :meth:`serve_scrubs`) or cancel the running one."""
+        if command.verb == "scrub-cancel":
+            stopped = control.cancel_scrub(self.pool, self._scrub)
+            if self._scrub_scope is not None:
+                self._scrub_scope.cancel()
+            log.info("scrub cancelled after %d of %d blocks", stopped.scrubber.blocks_done,
+                     stopped.scrubber.blocks_total)
+            return control.Outcome(control.ok_line(stopped.to_json()), control.Changes())
+        job = control.start_scrub(self.pool, command, self._scrub)
+        if not self._scrubs_served:
+            raise PoolError(errno.ENOTSUP, f"scrub: the daemon serving pool "
+                            f"{self.pool.label} runs no scrub task")
+        self._scrubs_in.send_nowait(job)
+        self._scrub = job
+        rate = "unlimited" if job.rate is None else f"{job.rate} bytes/s"
+        log.info("scrub started: %d blocks to check, rate %s", job.scrubber.blocks_total, rate)
+        return control.Outcome(control.ok_line(job.to_json()), control.Changes())
+
+    async def serve_scrubs(self) -> None:
+        """Run forever (until cancelled): run each scrub started through
+        ``.pool/ctl``, one at a time.  While this runs, ``scrub`` commands are
+        accepted; without it they are refused (ENOTSUP)."""
+        self._scrubs_served = True
+        try:
+            async for job in self._scrubs_out:
+                await self._run_scrub(job)
+        finally:
+            self._scrubs_served = False
+
+    async def _run_scrub(self, job: control.ScrubJob) -> None:
+        """Verify ``job``'s blocks a slice at a time.  Between slices it
+        waits as long as the rate limit asks, or at least passes a trio
+        checkpoint, so that requests waiting meanwhile are answered."""
+        scrubber = job.scrubber
+        started = trio.current_time()
+        with trio.CancelScope() as self._scrub_scope:
+            try:
+                while job.running:
+                    scrubber.step(job.slice_blocks())
+                    await trio.sleep(job.pause(trio.current_time() - started))
+            except Exception as err:
+                # A refusal (the pool stopped, say) is explained by its
+                # message; anything else is a bug and gets its traceback.
+                log.error("scrub stopped by an error after %d of %d blocks: %s",
+                          scrubber.blocks_done, scrubber.blocks_total, err,
+                          exc_info=not isinstance(err, PoolError))
+                job.fail(f"stopped by an error after {scrubber.blocks_done} blocks: {err}")
+            finally:
+                self._scrub_scope = None
+        if job.error is None and not scrubber.cancelled:
+            level = logging.ERROR if scrubber.bad else logging.INFO
+            log.log(level, "scrub finished in %.1f s: %d blocks checked, %d bad",
+                    trio.current_time() - started, scrubber.blocks_done, len(scrubber.bad))
+
     # -- names ----------------------------------------------------------
 
     @_request
@@ -604,9 +727,9 @@ class VolumeOps(pyfuse3.Operations):
         ownership = fields.update_mode or fields.update_uid or fields.update_gid
         if inode == ROOT_INODE:
             raise PoolError(errno.EPERM, "the attributes of the pool root cannot be changed")
-        if inode in (SNAPSHOTS_INODE, CLONES_INODE) or _is_snapshot_dir(inode):
+        if inode in _CONTROL_DIRS or _is_snapshot_dir(inode):
             raise PoolError(errno.EPERM, "the attributes of control directories cannot be changed")
-        if inode in (SNAPSHOTS_CTL_INODE, CLONES_CTL_INODE) or _is_clone_status(inode):
+        if inode in _CTL_FILES or _is_status(inode):
             # Truncating a ctl file to 0 (``>`` without atomic O_TRUNC) and
             # setting times (``touch``) are accepted and change nothing.
             current = self._inode_attrs(inode)
@@ -614,7 +737,7 @@ class VolumeOps(pyfuse3.Operations):
                 raise PoolError(errno.EPERM, f"inode {inode}: the mode and owner of control "
                                 "files cannot be changed")
             if fields.update_size and attr.st_size != current.st_size:
-                raise PoolError(errno.EROFS if _is_clone_status(inode) else errno.EINVAL,
+                raise PoolError(errno.EROFS if _is_status(inode) else errno.EINVAL,
                                 f"inode {inode}: control files cannot be resized")
             return current
         ds_id = _ds_id(inode)
@@ -655,11 +778,13 @@ class VolumeOps(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         if _is_snapshot_dir(parent_inode):
             return self._create_snapshot(parent_inode, name)
-        if parent_inode in (SNAPSHOTS_INODE, CLONES_INODE):
-            where = "snapshots" if parent_inode == SNAPSHOTS_INODE else "clones"
-            raise PoolError(errno.EPERM, f"cannot create {_decode(name)!r} in .{where}: it "
+        if parent_inode in _CONTROL_DIRS:
+            where = {SNAPSHOTS_INODE: SNAPSHOTS_NAME, CLONES_INODE: CLONES_NAME,
+                     POOL_INODE: POOL_NAME}[parent_inode].decode()
+            raise PoolError(errno.EPERM, f"cannot create {_decode(name)!r} in {where}: it "
                             "holds only control files (take a snapshot with touch "
-                            ".snapshots/VOLUME/NAME, clone through .clones/ctl)")
+                            ".snapshots/VOLUME/NAME, clone through .clones/ctl, scrub "
+                            "through .pool/ctl)")
         self._in_root(parent_inode)
         info = self.pool.create_volume(
             _decode(name),
@@ -691,7 +816,7 @@ class VolumeOps(pyfuse3.Operations):
             self._snapshots_changed()
             self._warn_if_open(snap.id, f"snapshot {vol}@{snap.name} was deleted")
             return
-        if parent_inode in (SNAPSHOTS_INODE, CLONES_INODE):
+        if parent_inode in _CONTROL_DIRS:
             self._lookup(parent_inode, name)
             raise PoolError(errno.EPERM, f"cannot remove control file {_decode(name)!r} (to "
                             "delete a clone, remove the volume itself)")
@@ -812,6 +937,9 @@ class VolumeOps(pyfuse3.Operations):
                 (os.fsencode(info.name),
                  self._status_attrs(info, control.clone_status(self.pool, info)))
                 for info in self.pool.volumes() if info.origin and info.name != _CTL]
+        if inode == POOL_INODE:
+            return [(CTL_NAME, self._ctl_attrs(POOL_CTL_INODE)),
+                    (STATUS_NAME, self._inode_attrs(POOL_STATUS_INODE))]
         vol = self._snapshot_dir(inode)
         return [(os.fsencode(snap.name), _snapshot_attrs(snap))
                 for snap in self.pool.snapshots(vol)]
@@ -846,13 +974,17 @@ class VolumeOps(pyfuse3.Operations):
     @_request
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
-        if inode in (SNAPSHOTS_CTL_INODE, CLONES_CTL_INODE):
+        if inode in _CTL_FILES:
             # O_TRUNC (``>``) is accepted: a ctl file is always empty.
-            ctl = (control.CtlFile.SNAPSHOTS if inode == SNAPSHOTS_CTL_INODE
-                   else control.CtlFile.CLONES)
             # direct_io: every write reaches the handler as it was made, and
             # reads are never cut short by the reported size of 0.
-            return pyfuse3.FileInfo(fh=self._new_handle(_CtlHandle(ctl)), direct_io=True)
+            return pyfuse3.FileInfo(fh=self._new_handle(_CtlHandle(_CTL_FILES[inode])),
+                                    direct_io=True)
+        if inode == POOL_STATUS_INODE:
+            if writing:
+                raise PoolError(errno.EROFS, ".pool/status is a read-only status file")
+            return pyfuse3.FileInfo(fh=self._new_handle(_StatusHandle(self._pool_status())),
+                                    direct_io=True)
         if _is_clone_status(inode):
             with _still_present(inode - CLONE_STATUS_INODE_BASE):
                 info = self._clone_by_id(inode - CLONE_STATUS_INODE_BASE)
@@ -899,7 +1031,7 @@ class VolumeOps(pyfuse3.Operations):
                 return self.pool.write(handle.ds_id, off, buf)
         if isinstance(handle, _CtlHandle):
             return await self._command(handle, off, buf)
-        raise PoolError(errno.EROFS, "clone status files are read-only")
+        raise PoolError(errno.EROFS, "status files are read-only")
 
     async def _command(self, handle: _CtlHandle, off: int, buf: bytes) -> int:
         """Run the command written to a ctl handle; keep its reply for reads."""
@@ -907,7 +1039,10 @@ class VolumeOps(pyfuse3.Operations):
         handle.result_at = off
         try:
             command = control.parse(handle.ctl, buf)
-            outcome = control.execute(self.pool, command, self.open_for_writing)
+            if handle.ctl is control.CtlFile.POOL:
+                outcome = self._pool_command(command)
+            else:
+                outcome = control.execute(self.pool, command, self.open_for_writing)
         except PoolError as err:
             handle.result = control.error_line(str(err))
             log.log(logging.WARNING if err.errno in (errno.EIO, errno.ENOSPC) else logging.INFO,
@@ -919,7 +1054,8 @@ class VolumeOps(pyfuse3.Operations):
             raise
         handle.result = outcome.line
         handle.result_at = off + len(buf)
-        self._snapshots_changed()
+        if handle.ctl is not control.CtlFile.POOL:
+            self._snapshots_changed()
         if outcome.changes.root_names:
             self._names_changed()
         await self._invalidate(outcome.changes)

@@ -1,20 +1,25 @@
-"""The ``cowfs`` command: create and mount pools, and manage the snapshots,
-restores and clones of a mounted pool.
+"""The ``cowfs`` command: create, mount and check pools, and manage the
+snapshots, restores, clones and scrubs of a mounted pool.
 
 Subcommands live in :data:`SUBCOMMANDS` (name -> :class:`Subcommand`); a new
 one adds an entry there with a function declaring its arguments and a
 function running it.
 
 The commands on a mounted pool (snapshot, list, delete, rename, restore,
-clone, clone-group, status, df, export, import) talk to the daemon only
+clone, clone-group, scrub, status, df, export, import) talk to the daemon only
 through the mount's files (see :mod:`cowfs_tools.mountctl`).  They print
 human-readable text by default and one JSON document on stdout with
-``--json``.
+``--json``.  ``fsck`` opens an unmounted pool itself.
 
 Exit status: 0 on success, 1 when the command was refused or failed (the
 reason is printed on stderr as ``cowfs: <object>: <cause>; <what to do>``),
 2 for usage errors, 130 when interrupted by Ctrl-C (128 + the signal number
-for other signals caught while file systems were frozen).
+for other signals caught while file systems were frozen or a scrub was
+watched).  Two commands report what they found in their status, as e2fsck
+does: ``fsck`` exits 0 (clean), 1 (problems found, all fixed), 4 (problems
+left), 8 (operational error: no such directory, pool mounted) or 32
+(interrupted); ``scrub`` exits 0 (no bad block), 4 (bad blocks found) or 1
+(refused, cancelled or failed).
 """
 
 from __future__ import annotations
@@ -30,12 +35,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from cowfs import integrity
 from cowfs.blockio import OsStorage
 from cowfs.dataset import validate_name
-from cowfs.errors import PoolError
-from cowfs.pool import Pool
+from cowfs.errors import FormatError, PoolError
+from cowfs.pool import BLOCK, Pool
+from cowfs_daemon.control import parse_rate
 from cowfs_daemon.server import MountError, configure_logging, serve, start_in_background
-from cowfs_tools import loopdev
+from cowfs_tools import loopdev, poolcheck
 from cowfs_tools.display import human_bytes, iso_utc, local_time, render_table
 from cowfs_tools.freeze import FreezeError, check_freezable, frozen
 from cowfs_tools.imagecopy import CopyStats, copy_sparse, source_size
@@ -721,9 +728,11 @@ def _status(args: argparse.Namespace) -> int:
                         "loops": [_loop_json(loop) for loop in loops.get(name, [])]})
     gone = [{"volume": owner, "snapshots": _snapshot_count(mount, owner)}
             for owner in mount.snapshot_owners() if owner not in set(names)]
+    health = _pool_health(mount)
     document = {"mount": mount.path, "pool": mount.pool_dir, "volumes": volumes,
-                "deleted_volumes_with_snapshots": gone}
+                "deleted_volumes_with_snapshots": gone, **health}
     human = [f"pool {mount.pool_dir} mounted on {mount.path}: {len(volumes)} volume(s)"]
+    human += _health_lines(health)
     if volumes:
         rows = [[v["name"], human_bytes(v["size"]), _space(v["referenced"]),
                  _space(v["exclusive"]), str(v["snapshots"]), v["origin"] or "-",
@@ -736,6 +745,40 @@ def _status(args: argparse.Namespace) -> int:
                      f"{g['volume']}@SNAP NEW`")
     _emit(args, document, human)
     return 0
+
+
+def _pool_health(mount: Mount) -> dict:
+    """From ``.pool/status``: ``errors`` (checksum and I/O errors since the
+    mount), ``failed`` (why the pool stopped serving, or None) and ``scrub``
+    (the current or last scrub, or None).  All None when the daemon has no
+    ``.pool`` directory."""
+    try:
+        status = poolcheck.pool_status(mount)
+    except MountCtlError as err:
+        if err.errno != errno.ENOTSUP:
+            raise CliError(str(err)) from None
+        return {"errors": None, "failed": None, "scrub": None}
+    return {"errors": {"checksum": status["checksum_errors"], "io": status["io_errors"],
+                       "since": status["mounted"]},
+            "failed": status["failed"], "scrub": status["scrub"]}
+
+
+def _health_lines(health: dict) -> list[str]:
+    """``cowfs status`` lines on the pool's health (see :func:`_pool_health`)."""
+    errors = health["errors"]
+    if errors is None:
+        return ["errors:   unknown (this daemon predates error counters; remount to get them)"]
+    lines = []
+    if health["failed"]:
+        lines.append(f"state:    STOPPED after an internal error ({health['failed']}); every "
+                     "request fails with EIO: unmount and mount the pool again")
+    lines.append(f"errors:   {errors['checksum']} checksum, {errors['io']} I/O "
+                 f"(since mounted at {errors['since']})")
+    scrub = health["scrub"]
+    lines.append(f"scrub:    {poolcheck.scrub_summary(scrub)}")
+    if scrub is not None and scrub["bad_blocks"]:
+        lines.append(poolcheck.findings_table(scrub["bad_blocks"]))
+    return lines
 
 
 def _df(args: argparse.Namespace) -> int:
@@ -903,9 +946,231 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- fsck ---------------------------------------------------------------------------
+
+# e2fsck's exit codes for what the report does not decide itself (it
+# gives 0 clean, 1 all fixed and 4 problems left).
+FSCK_LEFT = 4
+FSCK_OPERATIONAL = 8
+FSCK_CANCELLED = 32
+
+
+def _fsck_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pool_dir", metavar="POOL_DIR", help="directory holding the pool "
+                        "(it must not be mounted)")
+    parser.add_argument("--repair", action="store_true",
+                        help="fix what can be fixed safely (leaked space, wrong reference "
+                             "counts) and report what could not be fixed")
+    parser.add_argument("--json", action="store_true",
+                        help="print the report as JSON on stdout (for scripts)")
+    parser.add_argument("-v", "--verbose", dest="debug", action="store_true",
+                        help="log what is checked on stderr")
+
+
+def _fsck_failed(args: argparse.Namespace, path: str, message: str) -> int:
+    """Report an operational error of fsck (exit 8): nothing was checked."""
+    if args.json:
+        print(json.dumps({"pool": path, "exit_code": FSCK_OPERATIONAL, "error": message},
+                         indent=2))
+    print(f"{PROG}: fsck: {message}", file=sys.stderr)
+    return FSCK_OPERATIONAL
+
+
+def _fsck_unopenable(args: argparse.Namespace, path: str, err: FormatError) -> int:
+    """Report a pool that cannot be opened at all (exit 4): one finding."""
+    finding = {"kind": "unreadable", "object": path, "offset": None, "message": str(err),
+               "fixed": False}
+    document = {"pool": path, "clean": False, "exit_code": FSCK_LEFT, "nodes_checked": 0,
+                "blocks_checked": 0, "findings": [finding]}
+    _emit(args, document, [
+        f"fsck of pool {path}: the pool cannot be opened: {err}",
+        "nothing else could be checked, and --repair cannot fix this: it needs a valid "
+        "superblock and checkpoint; restore the pool directory from a backup",
+        f"pool {path}: 1 problem left"])
+    return FSCK_LEFT
+
+
+def _fsck_busy_message(path: str, err: PoolError) -> str:
+    """The refusal of fsck on a pool in use, naming where it is mounted."""
+    places = poolcheck.mountpoints_of(path)
+    if not places:
+        return f"{err} (EBUSY); fsck checks only pools that are not in use"
+    place = shlex.quote(places[0])
+    return (f"pool {path} is mounted on {', '.join(places)} (EBUSY: in use); fsck checks "
+            f"only unmounted pools: unmount it first (`umount {place}`), or verify its "
+            f"data while it stays mounted with `cowfs scrub {place}`")
+
+
+def _fsck(args: argparse.Namespace) -> int:
+    path = os.path.abspath(args.pool_dir)
+    if not args.debug:
+        # The report lists every finding; the checker's own log lines would
+        # only repeat them on stderr.
+        logging.getLogger(integrity.__name__).setLevel(logging.CRITICAL)
+    if not os.path.isdir(path):
+        what = "is not a directory" if os.path.exists(path) else "does not exist"
+        return _fsck_failed(args, path, f"{path} {what}; give the directory of a pool")
+    try:
+        report = integrity.fsck(OsStorage(path), repair=args.repair)
+    except FormatError as err:
+        return _fsck_unopenable(args, path, err)
+    except PoolError as err:
+        if err.errno == errno.EBUSY:
+            return _fsck_failed(args, path, _fsck_busy_message(path, err))
+        return _fsck_failed(args, path, f"{err} ({err.errname})")
+    except OSError as err:
+        return _fsck_failed(args, path, f"{err.filename or path}: {err.strerror or err}")
+    except KeyboardInterrupt:
+        print(f"{PROG}: fsck of {path} interrupted before it finished; run it again",
+              file=sys.stderr)
+        return FSCK_CANCELLED
+    document = {"pool": path, **report.to_json()}
+    findings = document["findings"]
+    left = [f for f in findings if not f["fixed"]]
+    human = [f"fsck of pool {path}: {report.nodes_checked} tree nodes and "
+             f"{report.blocks_checked} blocks checked"]
+    if findings:
+        human.append(poolcheck.findings_table(findings, repair=args.repair))
+    if not findings:
+        human.append(f"pool {path} is clean")
+    elif not left:
+        human.append(f"pool {path}: {len(findings)} problem(s) found, all fixed")
+    else:
+        human.append(f"pool {path}: {len(left)} problem(s) left"
+                     + (f", {len(findings) - len(left)} fixed" if len(left) < len(findings)
+                        else ""))
+        damaged = [f for f in left if f["kind"] in ("bad-block", "bad-node")]
+        if not args.repair and len(damaged) < len(left):
+            human.append(f"`cowfs fsck --repair {shlex.quote(path)}` fixes what can be fixed "
+                         "safely (leaked space, reference counts) and says what it cannot")
+        if damaged:
+            human.append("damaged blocks and tree nodes cannot be repaired: reading them "
+                         "returns EIO; restore the volumes and snapshots named above from "
+                         "a backup")
+    _emit(args, document, human)
+    return report.exit_code()
+
+
+# -- scrub ---------------------------------------------------------------------------
+
+SCRUB_BAD_BLOCKS = 4
+SCRUB_POLL_INTERVAL = 0.2   # seconds between two looks at .pool/status
+
+
+def _scrub_arguments(parser: argparse.ArgumentParser) -> None:
+    _pool_arguments(parser)
+    parser.add_argument("--rate", metavar="BYTES",
+                        help="verify at most BYTES of volume data per second (K, M, G "
+                             "suffixes are powers of 1024, e.g. 50M); default: as fast as "
+                             "the daemon can while it keeps serving requests")
+    parser.add_argument("--cancel", action="store_true",
+                        help="stop the scrub that is running and report what it found")
+
+
+def _pool_ctl(mount: Mount, words: list[str]) -> dict:
+    """Send one ``.pool/ctl`` command; a refusal becomes a CliError."""
+    try:
+        return mount.command(poolcheck.POOL_DIR, words)
+    except MountCtlError as err:
+        if err.errno == errno.ENOTCONN:
+            raise CliError(str(err)) from None
+        quoted = shlex.quote(mount.given)
+        cause = err.cause.removeprefix(f"{words[0]}: ")
+        if err.errno == errno.EBUSY:
+            advice = (f"follow it with `cowfs status {quoted}` or stop it with "
+                      f"`cowfs scrub --cancel {quoted}`")
+        elif err.errno == errno.ENOENT:
+            advice = f"start one with `cowfs scrub {quoted}`"
+        elif err.errno == errno.ENOTSUP:
+            advice = "unmount the pool and mount it again with this version"
+        else:
+            advice = _advice(err.errno, "scrub", mount.given)
+        raise CliError(f"{mount.given}: {cause}; {advice}") from None
+
+
+def _watch_scrub(mount: Mount, started: dict, show: bool) -> dict:
+    """Poll ``.pool/status`` until the scrub ``started`` (the reply that
+    started it) ends; draw a progress bar if ``show``.  Interrupted by a
+    signal, it cancels the scrub."""
+    pool = mount.pool_dir or mount.given
+    with signals_raise(), Progress(f"scrubbing {pool}", started["blocks_total"] * BLOCK,
+                                   enabled=show) as progress:
+        try:
+            while True:
+                try:
+                    scrub = poolcheck.pool_status(mount)["scrub"]
+                except MountCtlError as err:
+                    raise CliError(str(err)) from None
+                if scrub is None or scrub["started_ns"] != started["started_ns"]:
+                    raise CliError(f"{mount.given}: the scrub started was replaced by "
+                                   "another one (was the pool remounted?); see "
+                                   f"`cowfs status {shlex.quote(mount.given)}`")
+                progress.advance(scrub["blocks_checked"] * BLOCK - progress.done)
+                if scrub["state"] != "running":
+                    return scrub
+                time.sleep(SCRUB_POLL_INTERVAL)
+        except Interrupted as err:
+            try:
+                mount.command(poolcheck.POOL_DIR, ["scrub-cancel"])
+                err.note = "the scrub was cancelled"
+            except MountCtlError:
+                err.note = (f"the scrub may still be running; see "
+                            f"`cowfs status {shlex.quote(mount.given)}`")
+            raise
+
+
+def _scrub_report(mount: Mount, scrub: dict) -> list[str]:
+    """Human lines on a finished, cancelled or failed scrub."""
+    pool = mount.pool_dir or mount.given
+    done = scrub["blocks_checked"]
+    seconds = max((scrub["finished_ns"] - scrub["started_ns"]) / 1e9, 1e-3)
+    bad = scrub["bad_blocks"]
+    state = {"finished": "", "cancelled": " (cancelled before the end)",
+             "failed": f" (failed: {scrub.get('error')})"}.get(scrub["state"], "")
+    lines = [f"scrub of pool {pool} on {mount.given}{state}: {done} of {scrub['blocks_total']} "
+             f"blocks ({human_bytes(done * BLOCK)}) checked in {seconds:.1f} s "
+             f"({human_bytes(int(done * BLOCK / seconds))}/s): "
+             + (f"{len(bad)} bad block{'s' if len(bad) != 1 else ''}" if bad else "no errors")]
+    if bad:
+        lines.append(poolcheck.findings_table(bad))
+        lines.append("reading those blocks returns EIO; restore the data at those offsets "
+                     "from a backup (a snapshot sharing a bad block is damaged too)")
+    return lines
+
+
+def _scrub(args: argparse.Namespace) -> int:
+    rate: int | None = None
+    if args.rate is not None:
+        if args.cancel:
+            raise UsageError("scrub: --rate and --cancel do not go together")
+        try:
+            rate = parse_rate(args.rate)
+        except PoolError as err:
+            raise UsageError(str(err)) from None
+    mount = _open_mount(args.mount)
+    try:
+        status = poolcheck.pool_status(mount)
+    except MountCtlError as err:
+        raise CliError(str(err)) from None
+    if args.cancel:
+        scrub = _pool_ctl(mount, ["scrub-cancel"])
+    else:
+        started = _pool_ctl(mount, ["scrub", f"--rate={rate}"] if rate else ["scrub"])
+        scrub = _watch_scrub(mount, started, show=not args.json)
+    _emit(args, {"mount": mount.path, "pool": status["pool"], "scrub": scrub},
+          _scrub_report(mount, scrub))
+    if scrub["bad_blocks"]:
+        return SCRUB_BAD_BLOCKS
+    if scrub["state"] != "finished" and not args.cancel:
+        return 1
+    return 0
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "mkfs": Subcommand("create a new, empty pool", _mkfs_arguments, _mkfs),
     "mount": Subcommand("mount a pool: its volumes appear as files", _mount_arguments, _mount),
+    "fsck": Subcommand("check an unmounted pool offline (and repair what is safe)",
+                       _fsck_arguments, _fsck),
     "snapshot": Subcommand("snapshot volumes at one instant (flushing their loop devices)",
                            _snapshot_arguments, _snapshot),
     "list": Subcommand("list snapshots", _list_arguments, _list),
@@ -917,8 +1182,10 @@ SUBCOMMANDS: dict[str, Subcommand] = {
                         _clone_arguments, _clone),
     "clone-group": Subcommand("clone several volumes' snapshots at one instant",
                               _clone_group_arguments, _clone_group),
-    "status": Subcommand("show volumes, clone lineage, space and loop devices",
-                         _status_arguments, _status),
+    "status": Subcommand("show volumes, clone lineage, space, loop devices, error "
+                         "counters and the last scrub", _status_arguments, _status),
+    "scrub": Subcommand("verify the checksum of every block of a mounted pool",
+                        _scrub_arguments, _scrub),
     "df": Subcommand("show pool space and each volume's and snapshot's share",
                      _pool_arguments, _df),
     "export": Subcommand("copy a volume or snapshot to a sparse raw image file",
