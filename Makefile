@@ -5,6 +5,9 @@
 #   make test-slow  the slow tests only
 #   make bench      fio: cowfs volume vs. a plain file on the same disk
 #   make snapbench  snapshot/clone time vs. data, count and clone depth
+#   make soak       stress run: fio --verify, snapshots, restores, SIGKILLs (DURATION=30m)
+#   make install    install cowfs, mount.cowfs and cowfs@.service system-wide
+#   make uninstall  remove what make install installed (configs are kept)
 #
 # Works on a fresh Debian 12 machine as root, or as a user who has sudo.
 # Every step checks before it acts, so running a target twice is harmless.
@@ -32,10 +35,18 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc libc6-dev python3-dev \
 # Privileged commands go through sudo unless we already are root.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
+# Where `make install` puts things.  The service unit and the mount helper
+# name INSTALL_VENV and BINDIR, so change them here rather than moving files.
+INSTALL_VENV ?= /opt/cowfs
+BINDIR       ?= /usr/local/bin
+SBINDIR      ?= /sbin
+UNITDIR      ?= /etc/systemd/system
+CONFDIR      ?= /etc/cowfs
+
 .PHONY: help deps sysdeps run test test-slow bench snapbench clean distclean
 
 help:
-	@sed -n '3,8s/^#//p' $(firstword $(MAKEFILE_LIST))
+	@sed -n '3,/^#$$/s/^#//p' $(firstword $(MAKEFILE_LIST))
 
 deps: sysdeps $(VENV)/.stamp
 
@@ -88,6 +99,70 @@ bench: deps
 
 snapbench: deps
 	$(SUDO) $(VPY) tools/snapbench.py $(SNAPBENCH_ARGS)
+
+# Long-running stress (not part of `make test`): fio --verify on volumes
+# through loop devices, snapshots/clones/restores on a timer, daemon SIGKILLs,
+# fsck after each.  `make soak DURATION=5m SOAK_ARGS="--size 256M"`.
+DURATION  ?= 30m
+SOAK_ARGS ?=
+.PHONY: soak
+soak: deps
+	$(SUDO) $(VPY) tools/soak.py --duration $(DURATION) $(SOAK_ARGS)
+
+# A venv of its own at INSTALL_VENV with a regular (non-editable) install of
+# this tree, so that the installed cowfs does not change when the checkout
+# does; then the entry points, the mount(8) helper (also as mount.fuse.cowfs,
+# for fstab lines giving the type /proc/mounts shows), the unit and the
+# example configuration (an edited one is never overwritten).  The helper
+# runs Python isolated (-I): mount(8) may run it in any directory, and that
+# directory must not be able to shadow cowfs's modules.
+.PHONY: install uninstall
+install: sysdeps
+	$(SUDO) $(PYTHON) -m venv '$(INSTALL_VENV)'
+	@# setuptools builds in ./build, and a stale copy there of a module since
+	@# removed would be installed again.
+	$(SUDO) rm -rf build
+	$(SUDO) '$(INSTALL_VENV)/bin/pip' install --quiet --upgrade .
+	$(SUDO) install -d -m 0755 '$(BINDIR)' '$(SBINDIR)' '$(UNITDIR)' '$(CONFDIR)'
+	$(SUDO) ln -sfn '$(INSTALL_VENV)/bin/cowfs' '$(BINDIR)/cowfs'
+	printf '#!/bin/sh\n# mount(8) helper for cowfs file systems (make install)\nexec %s -I -m cowfs_tools.mount_helper "$$@"\n' \
+	  '$(INSTALL_VENV)/bin/python' | $(SUDO) tee '$(SBINDIR)/mount.cowfs' >/dev/null
+	$(SUDO) chmod 0755 '$(SBINDIR)/mount.cowfs'
+	$(SUDO) ln -sfn mount.cowfs '$(SBINDIR)/mount.fuse.cowfs'
+	sed 's|/usr/local/bin/cowfs|$(BINDIR)/cowfs|g' systemd/cowfs@.service \
+	  | $(SUDO) tee '$(UNITDIR)/cowfs@.service' >/dev/null
+	$(SUDO) chmod 0644 '$(UNITDIR)/cowfs@.service'
+	@if [ -e '$(CONFDIR)/example.conf' ]; then \
+	  echo "keeping $(CONFDIR)/example.conf"; \
+	else \
+	  $(SUDO) install -m 0644 systemd/example.conf '$(CONFDIR)/example.conf'; \
+	fi
+	@if [ -d /run/systemd/system ]; then $(SUDO) systemctl daemon-reload; fi
+	@echo "installed: $(BINDIR)/cowfs, $(SBINDIR)/mount.cowfs, $(UNITDIR)/cowfs@.service," \
+	  "$(CONFDIR)/example.conf, $(INSTALL_VENV)"
+
+# Refused while a pool is mounted: its daemon runs from INSTALL_VENV.
+# Enabled cowfs@ instances are disabled; pool configurations other than an
+# unchanged example.conf stay in CONFDIR.
+uninstall:
+	@if grep -q ' - fuse\.cowfs ' /proc/self/mountinfo; then \
+	  echo "cowfs pools are still mounted; unmount them (or stop their cowfs@ services) first:"; \
+	  grep ' - fuse\.cowfs ' /proc/self/mountinfo | cut -d' ' -f5; \
+	  exit 1; \
+	fi
+	@for link in $$(find '$(UNITDIR)' -mindepth 2 -maxdepth 2 -type l -name 'cowfs@*.service'); do \
+	  echo "disabling $$(basename "$$link")"; $(SUDO) rm -f "$$link"; \
+	done
+	$(SUDO) rm -f '$(UNITDIR)/cowfs@.service' '$(SBINDIR)/mount.cowfs' '$(SBINDIR)/mount.fuse.cowfs'
+	@if [ -L '$(BINDIR)/cowfs' ] && [ "$$(readlink '$(BINDIR)/cowfs')" = '$(INSTALL_VENV)/bin/cowfs' ]; then \
+	  $(SUDO) rm -f '$(BINDIR)/cowfs'; \
+	fi
+	@if [ -e '$(INSTALL_VENV)/pyvenv.cfg' ]; then $(SUDO) rm -rf '$(INSTALL_VENV)'; fi
+	@if cmp -s systemd/example.conf '$(CONFDIR)/example.conf'; then \
+	  $(SUDO) rm -f '$(CONFDIR)/example.conf'; \
+	fi
+	@$(SUDO) rmdir '$(CONFDIR)' 2>/dev/null || echo "keeping $(CONFDIR) and the configurations in it"
+	@if [ -d /run/systemd/system ]; then $(SUDO) systemctl daemon-reload; fi
 
 # Build and test leftovers; the venv stays (see distclean).
 clean:

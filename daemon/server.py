@@ -14,20 +14,34 @@ Life of a mount:
    a receiver for SIGTERM/SIGINT/SIGHUP that stops the request loop, the
    task that tells the kernel to drop caches ctl commands made stale (a
    restore replaces a volume's data), and a check that the mount answers
-   ``stat`` before announcing readiness;
+   ``stat`` before announcing readiness (to the waiting ``cowfs mount``
+   command, and to systemd with ``READY=1``);
 4. when the loop ends (signal, or the kernel unmounted us after
    ``umount``/``fusermount3 -u``): unmount if still mounted, then
    ``Pool.close()``, which flushes and checkpoints.
 
 ``default_permissions`` is always set: the kernel then checks each volume's
-mode, uid and gid itself.  Only the mounting user (root) can reach the mount
-unless ``-o allow_other`` is given, and root passes those checks, so the
-option costs root nothing and makes ``allow_other`` safe.
+mode, uid and gid itself (and the control files' and directories' root
+ownership, which is what keeps snapshots, restores and clones to root).  Only
+the mounting user (root) can reach the mount unless ``-o allow_other`` is
+given, and root passes those checks, so the option costs root nothing and
+makes ``allow_other`` safe.  libfuse adds ``nosuid`` and ``nodev`` unless
+``-o suid``/``-o dev`` is given, which suits disk images: an owner who may
+chmod a volume cannot make it a set-uid program for other users.
 
-Logging goes to stderr, or to a file with ``--log``.  A background daemon
-keeps the user's stderr only until the mount is live, so that every startup
-problem (including libfuse's own messages) is seen; after that its stderr is
-the ``--log`` file, or /dev/null when none was given.
+Under systemd (``Type=notify``, see ``systemd/cowfs@.service``) the
+foreground daemon speaks the notify protocol on ``$NOTIFY_SOCKET`` itself:
+``READY=1`` once the mount answers, ``STOPPING=1`` as soon as it starts to
+unmount.  A background daemon drops ``$NOTIFY_SOCKET``: it is not the main
+process of whatever service started the ``cowfs mount`` command.
+
+Logging goes to stderr, or to a file with ``--log``.  When stderr is the
+systemd journal (``$JOURNAL_STREAM``), lines carry syslog priority prefixes
+instead of time stamps, so ``journalctl -p warning`` works.  A background
+daemon keeps the user's stderr only until the mount is live, so that every
+startup problem (including libfuse's own messages) is seen; after that its
+stderr is the ``--log`` file, the journal if stderr was the journal (an
+fstab mount started by systemd), or /dev/null.
 """
 
 from __future__ import annotations
@@ -38,6 +52,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import stat
 import sys
 from collections.abc import Callable, Iterable
@@ -59,6 +74,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 TICK_INTERVAL = 1.0      # seconds between Pool.tick() calls
 READY_TIMEOUT = 30.0     # seconds the new mount gets to answer its first stat
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# The journal stamps each line itself; the <N> prefix is the line's syslog
+# priority, which journald reads from a stream.
+JOURNAL_LOG_FORMAT = "<%(priority)d>%(name)s: %(message)s"
 
 # Options that identify the mount: the readiness check and the cleanup of a
 # failed background mount recognise our mount by them.
@@ -72,11 +90,38 @@ class MountError(Exception):
     the pool is closed when this is raised."""
 
 
+class _SyslogPriority(logging.Filter):
+    """Adds ``priority``, the syslog priority of the record's level, to
+    every record (for :data:`JOURNAL_LOG_FORMAT`)."""
+
+    # (lowest level, priority), highest first: critical 2, error 3,
+    # warning 4, info 6, debug 7.
+    _LEVELS = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4),
+               (logging.INFO, 6))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.priority = next((prio for level, prio in self._LEVELS
+                                if record.levelno >= level), 7)
+        return True
+
+
+def stderr_is_journal() -> bool:
+    """True if stderr is the stream systemd connected to the journal: the
+    device and inode in ``$JOURNAL_STREAM`` are those of fd 2."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(2)
+    except OSError:
+        return False
+    return expected == f"{st.st_dev}:{st.st_ino}"
+
+
 def configure_logging(verbosity: int, log_path: str | None = None) -> None:
     """Send log records to stderr (or append them to ``log_path``).
 
     ``verbosity`` -1 logs warnings and errors only, 0 adds informational
     messages, 1 adds cowfs debug messages, 2 also libfuse/pyfuse3 debugging.
+    On the systemd journal, lines carry priorities instead of time stamps.
     """
     handler: logging.Handler
     # Volume names are bytes from the kernel and need not be UTF-8: write
@@ -87,10 +132,45 @@ def configure_logging(verbosity: int, log_path: str | None = None) -> None:
         handler = logging.StreamHandler(stream)
     else:
         handler = logging.FileHandler(log_path, errors="backslashreplace")
+    if log_path is None and stderr_is_journal():
+        handler.setFormatter(logging.Formatter(JOURNAL_LOG_FORMAT))
+        handler.addFilter(_SyslogPriority())
+    else:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
     level = {-1: logging.WARNING, 0: logging.INFO}.get(max(verbosity, -1), logging.DEBUG)
-    logging.basicConfig(level=level, format=LOG_FORMAT, handlers=[handler], force=True)
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     if verbosity == 1:
         logging.getLogger("pyfuse3").setLevel(logging.INFO)
+
+
+# ---------------------------------------------------------------------------
+# systemd notify protocol
+
+
+def sd_notify(message: str) -> bool:
+    """Send ``message`` (``KEY=VALUE`` lines, e.g. ``READY=1``) as one
+    datagram to the service manager's ``$NOTIFY_SOCKET``: a socket path, or
+    an abstract socket written with a leading ``@``.  Returns whether it was
+    sent; False without ``$NOTIFY_SOCKET`` (not run by systemd).  A failure
+    is logged, never raised: readiness reporting must not stop the mount."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    target = os.fsencode(address)
+    if target.startswith(b"@"):
+        target = b"\0" + target[1:]
+    elif not target.startswith(b"/"):
+        log.warning("NOTIFY_SOCKET=%s is not a unix socket address; not telling the "
+                    "service manager %r", address, message)
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(message.encode(), target)
+    except OSError as err:
+        log.warning("could not tell the service manager %r through NOTIFY_SOCKET=%s: %s",
+                    message, address, err.strerror)
+        return False
+    return True
 
 
 def fsname(pool_dir: str) -> str:
@@ -212,6 +292,22 @@ def _is_ours(entry: MountEntry, pool_dir: str) -> bool:
     return entry.fstype == FSTYPE and entry.source == os.fsencode(fsname(pool_dir))
 
 
+def serves(pool_dir: str, mountpoint: str) -> bool:
+    """True if ``mountpoint`` shows a live cowfs mount of the pool in
+    ``pool_dir``: the top mount there is this pool's and it answers (a
+    mount whose daemon died does not count)."""
+    pool_dir = os.path.realpath(pool_dir)
+    mountpoint = os.path.realpath(mountpoint)
+    entries = mounts_at(mountpoint)
+    if not (entries and _is_ours(entries[-1], pool_dir)):
+        return False
+    try:
+        os.stat(mountpoint)
+    except OSError:
+        return False
+    return True
+
+
 def _detach(mountpoint: str) -> None:
     """Lazily unmount ``mountpoint`` (umount2 with MNT_DETACH)."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -237,6 +333,14 @@ class _Session:
     failure: str | None = None       # why the mount never became live
     stop_signal: str | None = None   # name of the signal that stopped us
     clean: bool = True               # False once the request loop crashed
+    stopping: bool = False           # STOPPING=1 sent to the service manager
+
+    def announce_stopping(self, why: str) -> None:
+        """Tell the service manager (once) that the mount is going away."""
+        if self.live and not self.stopping:
+            self.stopping = True
+            sd_notify(f"STOPPING=1\nSTATUS=unmounting {self.mountpoint} ({why}); "
+                      f"flushing pool {self.pool_dir}")
 
 
 def _open_pool(pool_dir: str) -> Pool:
@@ -291,6 +395,7 @@ async def _watch_signals(session: _Session) -> None:
                 if session.stop_signal is None:
                     session.stop_signal = name
                     log.info("%s received: unmounting %s", name, session.mountpoint)
+                    session.announce_stopping(f"{name} received")
                     fuse_ops.stop_session()
                 else:
                     log.info("%s received: already unmounting", name)
@@ -337,6 +442,7 @@ async def _confirm_live(session: _Session) -> None:
     if session.on_ready is not None:
         session.on_ready()
     log.info("pool %s mounted on %s", session.pool_dir, session.mountpoint)
+    sd_notify(f"READY=1\nSTATUS=serving pool {session.pool_dir} on {session.mountpoint}")
 
 
 async def _run_mount(session: _Session) -> None:
@@ -344,12 +450,15 @@ async def _run_mount(session: _Session) -> None:
         nursery.start_soon(_watch_signals, session)
         nursery.start_soon(_housekeeping, session.pool)
         nursery.start_soon(session.ops.serve_invalidations)
+        nursery.start_soon(session.ops.serve_scrubs)
         nursery.start_soon(_confirm_live, session)
         try:
             await fuse_ops.serve_requests()
         except Exception:
             log.exception("the FUSE request loop failed")
             session.clean = False
+        session.announce_stopping("the request loop ended" if session.stop_signal is None
+                                  else f"{session.stop_signal} received")
         nursery.cancel_scope.cancel()
     if session.live and session.stop_signal is None and session.clean:
         log.info("%s was unmounted", session.mountpoint)
@@ -462,20 +571,26 @@ def _daemon_main(
     try:
         os.setsid()
         os.chdir("/")  # do not keep the caller's directory (or its mount) busy
+        # Readiness goes to the waiting command; a service that ran it
+        # hears from that command's exit, not from this fork.
+        os.environ.pop("NOTIFY_SOCKET", None)
         null_fd = os.open(os.devnull, os.O_RDWR)
         os.dup2(null_fd, 0)
         os.dup2(null_fd, 1)
         configure_logging(verbosity, log_path)
+        # Nobody reads the journal's stream to its end: an fstab mount
+        # started by systemd keeps logging there.
+        keep_stderr = log_path is None and stderr_is_journal()
 
         def ready() -> None:
             # The caller's stderr may be a pipe it reads to the end: let go
             # of it before telling the caller we are live.
-            if log_path is None:
-                os.dup2(null_fd, 2)
-            else:
+            if log_path is not None:
                 log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
                 os.dup2(log_fd, 2)
                 os.close(log_fd)
+            elif not keep_stderr:
+                os.dup2(null_fd, 2)
             pipe.send("ok")
 
         status = 0 if serve(pool_dir, mountpoint, options=options, on_ready=ready) else 1

@@ -111,6 +111,10 @@ def _mkfs(args: argparse.Namespace) -> int:
             except OSError:
                 pass
         raise
+    if not created and os.stat(path).st_mode & 0o077:
+        # Volumes hold whole disks: the pool directory is for its owner only.
+        os.chmod(path, 0o700)
+        print(f"note: made {path} private (mode 0700)")
     print(f"created pool {path} (compression {'off' if args.no_compression else 'on'})")
     return 0
 
