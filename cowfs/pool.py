@@ -736,7 +736,12 @@ class Pool(SnapshotOps):
             try:
                 self.data.sync()
             except OSError as e:
-                raise self._io_error(e, "syncing data") from None
+                # After a failed fdatasync the kernel may have dropped the
+                # dirty pages and a retry would report success for data that
+                # never reached the disk: stop, and let a remount restore the
+                # last durable state.
+                self._fail(e)
+                raise self._io_error(e, "syncing data; the pool stopped") from None
             self._data_dirty = False
         try:
             self.journal.commit()

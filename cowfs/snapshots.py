@@ -243,8 +243,16 @@ class SnapshotOps:
             self._log(R_SNAPOP, json.dumps(op, separators=(",", ":")).encode())
         # Snapshot, restore and clone are durable when they return: an
         # operator who took a snapshot before an upgrade must be able to
-        # count on it, whoever forgets to fsync.
-        self.sync()
+        # count on it, whoever forgets to fsync.  If the commit fails the
+        # change cannot be taken back in memory, so the pool stops rather
+        # than show an operation it refused; a remount restores the last
+        # durable state, without it.
+        try:
+            self.sync()
+        except PoolError as e:
+            self._fail(e)
+            raise PoolError(errno.EIO, f"pool {self.label}: {op['op']} could not be committed "
+                            f"({e}); the pool stopped, mount it again") from None
 
     # -- changes, shared with journal replay ------------------------------------------
 
