@@ -722,6 +722,10 @@ class Controller(threading.Thread):
             for name in doomed:
                 r = s.cli("delete", str(s.mnt), f"{volume}@{name}")
                 if r.returncode != 0:
+                    if not (s.mnt / ".snapshots" / volume / name).exists():
+                        # A worker retiring its oldest reference deleted it
+                        # between our listing and now: nothing left to do.
+                        continue
                     s.failed("delete snapshot", epoch, r.stderr)
                     return
                 s.count("snapshot deleted")
