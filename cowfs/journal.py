@@ -70,9 +70,6 @@ class Journal:
 
     def append(self, rtype: int, payload: bytes) -> None:
         """Buffer one record (durable only after :meth:`commit`)."""
-        self._put(rtype, payload)
-
-    def _put(self, rtype: int, payload: bytes) -> None:
         hdr = _HDR.pack(MAGIC, self.gen, self.seq, rtype, 0, len(payload), 0)
         csum = checksum(hdr + payload)
         self.buf += _HDR.pack(MAGIC, self.gen, self.seq, rtype, 0, len(payload), csum)
@@ -88,7 +85,7 @@ class Journal:
         end = self.pos + len(self.buf)
         pad = (-(end + HDR_SIZE)) % BLOCK
         seq_before = self.seq
-        self._put(R_PAD, bytes(pad))
+        self.append(R_PAD, bytes(pad))
         try:
             if self.pos + len(self.buf) > self.size:
                 raise PoolError(errno.ENOSPC, f"pool {self.label}: journal full")
