@@ -177,6 +177,7 @@ class Scrubber:
         self._i = 0
         self._pos = 0
         self._leaf_bad: dict[int, tuple[int, ...]] = {}
+        self._reloads = pool.reloads
         self._reported: set[tuple[str, int | None]] = set()
         self.blocks_total = sum(pool.datasets[i].mapped for i in self._ids)
         self.blocks_done = 0       # blocks covered, per dataset (progress)
@@ -194,6 +195,11 @@ class Scrubber:
         """Verify up to about ``max_blocks`` more block pointers; True when done."""
         budget = max_blocks
         pool = self.pool
+        pool.ready()
+        if pool.reloads != self._reloads:
+            # Leaf addresses seen before a reload may hold other leaves now.
+            self._reloads = pool.reloads
+            self._leaf_bad.clear()
         while budget > 0 and self._i < len(self._ids):
             ds = pool.datasets.get(self._ids[self._i])
             if ds is None or not ds.root:

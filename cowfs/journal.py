@@ -58,6 +58,9 @@ class Journal:
         self.seq = 0
         self.pos = 0                  # where the next group starts
         self.buf = bytearray()
+        # End of what failed commits may have left past ``pos``: records that
+        # must not replay once the ones they hold were given up (rewind).
+        self.torn_end = 0
 
     def fits(self, payload_len: int) -> bool:
         """Whether one more record of this size, plus a PAD, still fits."""
@@ -76,6 +79,18 @@ class Journal:
         self.buf += payload
         self.seq += 1
 
+    def mark(self) -> tuple[int, int, int, int]:
+        """Where the buffer ends now, for :meth:`rewind`."""
+        return (self.gen, self.pos, len(self.buf), self.seq)
+
+    def rewind(self, mark: tuple[int, int, int, int]) -> None:
+        """Drop the records buffered since ``mark`` (nothing if they were
+        committed or the journal started over since)."""
+        gen, pos, length, seq = mark
+        if (gen, pos) == (self.gen, self.pos) and length <= len(self.buf):
+            del self.buf[length:]
+            self.seq = seq
+
     def commit(self) -> bool:
         """Write the buffered group and make it durable.  Returns False when
         there was nothing to write.  On an I/O error the buffer is kept (the
@@ -92,6 +107,7 @@ class Journal:
             self.file.pwrite(self.buf, self.pos)
             self.file.sync()
         except BaseException:
+            self.torn_end = max(self.torn_end, min(self.pos + len(self.buf), self.size))
             # Forget the PAD so a retry appends to the same group.
             del self.buf[len(self.buf) - HDR_SIZE - pad:]
             self.seq = seq_before
@@ -100,12 +116,21 @@ class Journal:
         self.buf.clear()
         return True
 
+    def clear_torn_tail(self) -> None:
+        """Zero (durably) what failed commits left past the committed end, so
+        that records given up since can never replay."""
+        if self.torn_end > self.pos:
+            self.file.pwrite(bytes(self.torn_end - self.pos), self.pos)
+            self.file.sync()
+        self.torn_end = 0
+
     def reset(self, gen: int) -> None:
         """Start an empty journal for checkpoint generation ``gen``."""
         self.gen = gen
         self.seq = 0
         self.pos = 0
         self.buf.clear()
+        self.torn_end = 0
 
 
 def replay(file: PoolFile, size: int, gen: int) -> Iterator[tuple[int, bytes]]:

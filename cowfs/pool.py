@@ -27,6 +27,7 @@ import os
 import struct
 import time
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 import lz4.block
 
@@ -74,9 +75,15 @@ class Pool(SnapshotOps):
     """An open pool.  Single-threaded: call every method from one thread.
 
     Every method that refuses raises :class:`PoolError` before changing
-    anything.  If an internal step fails after the point of no return, the pool
-    stops accepting requests (EIO) until it is mounted again, which restores
-    the last durable state.
+    anything.  If an internal step fails after the point of no return (a tree
+    node that cannot be read in the middle of an update, a checkpoint that
+    cannot be written), the operation fails and the next request first reloads
+    the pool's durable state, as a remount would, after committing what was
+    already acknowledged; until that reload succeeds every request gets EIO.
+    Only a failed data sync is worse: the kernel may have dropped the pages it
+    could not write, so the unsynced changes are given up and the pool serves
+    its durable state read-only (EROFS, and EIO to every fsync) until it is
+    mounted again.
     """
 
     # -- creation and mounting --------------------------------------------------
@@ -103,7 +110,12 @@ class Pool(SnapshotOps):
         self.mpages = array("Q")
         self.mpage_csums = array("Q")
         self.blob_units: list[int] = []
-        self.failed: str | None = None
+        self.stale: str | None = None      # memory may be half changed: reload first
+        self.degraded: str | None = None   # unsynced changes were lost: read-only
+        self.reloads = 0                   # times memory was reloaded from disk
+        # Called after a reload with one more than the highest dataset id
+        # memory held before it (the FUSE layer drops what the kernel cached).
+        self.on_reload: Callable[[int], None] | None = None
         self.readonly = False
         self.checksum_errors = 0     # checksum mismatches seen since mount
         self.io_errors = 0           # I/O errors from the pool's files since mount
@@ -305,7 +317,8 @@ class Pool(SnapshotOps):
         if self.closed:
             return
         try:
-            if self.failed is None and not self.readonly and self._changed_since_checkpoint():
+            if (self.stale is None and self.degraded is None and not self.readonly
+                    and self._changed_since_checkpoint()):
                 self.checkpoint()
         finally:
             self.closed = True
@@ -327,10 +340,12 @@ class Pool(SnapshotOps):
 
     def volumes(self) -> list[VolumeInfo]:
         """All volumes, by name."""
+        self.ready()
         return [self.by_name[n].info() for n in sorted(self.by_name)]
 
     def lookup(self, name: str) -> VolumeInfo:
         """The volume called ``name`` (ENOENT if none)."""
+        self.ready()
         v = self.by_name.get(name)
         if v is None:
             raise PoolError(errno.ENOENT, f"no volume named {name!r} in pool {self.label}")
@@ -344,13 +359,15 @@ class Pool(SnapshotOps):
         return v.info()
 
     def _vol(self, vol_id: int) -> Dataset:
+        """A volume about to be changed (EROFS for a snapshot or a read-only pool)."""
+        self._writable()
         v = self._dataset(vol_id)
         if v.is_snapshot:
             raise PoolError(errno.EROFS, f"snapshot {v.label} is read-only")
         return v
 
     def _dataset(self, ds_id: int) -> Dataset:
-        self._usable()
+        self.ready()
         v = self.datasets.get(ds_id)
         if v is None:
             raise PoolError(errno.ENOENT, f"volume or snapshot {ds_id} no longer exists in "
@@ -372,17 +389,27 @@ class Pool(SnapshotOps):
         else:
             del self.by_name[v.name]
 
-    def _usable(self) -> None:
-        if self.failed is not None:
-            raise PoolError(errno.EIO, f"pool {self.label} stopped after an internal error "
-                            f"({self.failed}); unmount and mount it again")
+    def ready(self) -> None:
+        """Return when the pool can serve a request: reload its durable state
+        first if a failure left memory half changed.  EIO while it cannot."""
         if self.closed:
             raise PoolError(errno.EIO, f"pool {self.label} is closed")
+        if self.stale is not None:
+            self._reload()
+
+    def _writable(self) -> None:
+        """:meth:`ready`, and EROFS if the pool only serves reads."""
+        self.ready()
+        if self.degraded is not None:
+            raise PoolError(errno.EROFS, f"pool {self.label} is read-only: {self.degraded}; "
+                            "unmount and mount it again to write")
+        if self.readonly:
+            raise PoolError(errno.EROFS, f"pool {self.label} is open read-only")
 
     def create_volume(self, name: str, size: int = 0, mode: int = 0o644, uid: int = 0,
                       gid: int = 0) -> VolumeInfo:
         """Create an empty (all-zero, unallocated) volume of ``size`` bytes."""
-        self._usable()
+        self._writable()
         validate_name(name)
         self._check_size(name, size)
         if name in self.by_name:
@@ -727,22 +754,16 @@ class Pool(SnapshotOps):
     # -- durability ---------------------------------------------------------------
 
     def sync(self) -> None:
-        """Return once everything written so far is durable (fsync)."""
-        self._usable()
+        """Return once everything written so far is durable (fsync).  EIO on
+        a pool that gave up unsynced changes (see the class docstring)."""
+        self.ready()
+        if self.degraded is not None:
+            raise PoolError(errno.EIO, f"pool {self.label}: {self.degraded}; it serves "
+                            "reads only until it is mounted again")
         self._flush_times()
         if not self.journal.buf:
             return
-        if self._data_dirty:
-            try:
-                self.data.sync()
-            except OSError as e:
-                # After a failed fdatasync the kernel may have dropped the
-                # dirty pages and a retry would report success for data that
-                # never reached the disk: stop, and let a remount restore the
-                # last durable state.
-                self._fail(e)
-                raise self._io_error(e, "syncing data; the pool stopped") from None
-            self._data_dirty = False
+        self._sync_data()
         try:
             self.journal.commit()
         except OSError as e:
@@ -750,15 +771,34 @@ class Pool(SnapshotOps):
         # The frees those records describe are now durable: reuse is safe.
         self.drc.release_pending()
         if self._checkpoint_due():
-            self.checkpoint()
+            self._housekeeping(self.checkpoint)
 
-    def tick(self) -> None:
-        """Housekeeping, called about once a second: commit records older than
-        the commit interval, checkpoint when due."""
-        if self.failed is not None or self.closed:
+    def _sync_data(self) -> None:
+        """fdatasync the data file if it has unsynced writes.  After a failed
+        fdatasync the kernel may have dropped the dirty pages, and a retry
+        would report success for data that never reached the disk: the
+        records that point at them are given up (:meth:`_lose_changes`)."""
+        if not self._data_dirty:
             return
         try:
-            if self.journal.buf and time.monotonic() - self._first_unsynced > COMMIT_INTERVAL:
+            self.data.sync()
+        except OSError as e:
+            self._lose_changes(e)
+            raise self._io_error(e, "syncing data; unsynced changes are lost and the pool "
+                                 "is read-only until it is mounted again") from None
+        self._data_dirty = False
+
+    def tick(self) -> None:
+        """Housekeeping, called about once a second: retry a pending reload,
+        commit records older than the commit interval, checkpoint when due."""
+        if self.closed:
+            return
+        try:
+            if self.stale is not None:
+                self.ready()
+            elif self.degraded is not None:
+                return
+            elif self.journal.buf and time.monotonic() - self._first_unsynced > COMMIT_INTERVAL:
                 self.sync()
             elif self._checkpoint_due() or (
                     time.monotonic() - self._last_checkpoint > CHECKPOINT_INTERVAL
@@ -773,9 +813,20 @@ class Pool(SnapshotOps):
 
     def _after_change(self) -> None:
         if len(self.journal.buf) > JOURNAL_BUFFER_LIMIT:
-            self.sync()
+            self._housekeeping(self.sync)
         elif len(self.store.dirty) > DIRTY_NODE_LIMIT:
-            self.checkpoint()
+            self._housekeeping(self.checkpoint)
+
+    def _housekeeping(self, step) -> None:
+        """Run a commit or checkpoint that an operation which already took
+        effect triggers.  Its failure is not the operation's: the change is
+        in the journal buffer, which a later sync (or the reload a failure
+        schedules) commits, or the pool has gone read-only, in which case
+        the next fsync reports it."""
+        try:
+            step()
+        except PoolError as e:
+            log.warning("pool %s: background %s failed: %s", self.label, step.__name__, e)
 
     def _flush_times(self) -> None:
         for v in self.datasets.values():
@@ -801,13 +852,12 @@ class Pool(SnapshotOps):
     def checkpoint(self) -> None:
         """Write all dirty metadata to fresh units and switch the superblock
         to it; the journal then starts over.  Everything is durable after."""
-        self._usable()
-        if self.readonly:
-            raise PoolError(errno.EROFS, f"pool {self.label} is open read-only")
+        self._writable()
         try:
             self._checkpoint()
         except BaseException as e:
-            self._fail(e)
+            if self.degraded is None:
+                self._lose_memory(e)
             if isinstance(e, OSError):
                 raise self._io_error(e, "writing a checkpoint") from None
             raise
@@ -815,9 +865,7 @@ class Pool(SnapshotOps):
     def _checkpoint(self) -> None:
         for v in self.datasets.values():
             v.times_dirty = False
-        if self._data_dirty:
-            self.data.sync()
-            self._data_dirty = False
+        self._sync_data()
         gen = self.sb.gen + 1
         self.store.flush(self._write_meta_unit, gen)
         retired: list[int] = []
@@ -856,8 +904,17 @@ class Pool(SnapshotOps):
                         journal_size=self.sb.journal_size, created_ns=self.sb.created_ns)
         sbf = self.storage.open(SUPERBLOCK_FILE)
         try:
+            # A failed write leaves the slot torn at worst, which its checksum
+            # rules out: the previous checkpoint stays the newest.
             sbf.pwrite(sb.encode(), (gen % 2) * BLOCK)
-            sbf.sync()
+            try:
+                sbf.sync()
+            except OSError as e:
+                # Whether the new superblock reached the disk is unknown: a
+                # reload would read it from the cache and start a journal that
+                # a power cut could pair with the previous one.  Serve reads.
+                self._lose_changes(e)
+                raise
         finally:
             sbf.close()
         # Committed.  What only the previous checkpoint used is free now.
@@ -890,11 +947,54 @@ class Pool(SnapshotOps):
 
     # -- failure handling -------------------------------------------------------------
 
-    def _fail(self, e: BaseException) -> None:
-        if self.failed is None:
-            self.failed = f"{type(e).__name__}: {e}"
-            log.error("pool %s: stopping after an internal error: %s", self.label,
-                      self.failed, exc_info=e)
+    def _lose_memory(self, e: BaseException) -> None:
+        """Memory may be half changed: the next request reloads the durable
+        state (:meth:`_reload`) before it is served."""
+        if self.stale is None:
+            self.stale = f"{type(e).__name__}: {e}"
+            log.error("pool %s: an operation failed half way (%s); reloading its durable "
+                      "state before the next request", self.label, self.stale,
+                      exc_info=not isinstance(e, (PoolError, OSError)))
+
+    def _lose_changes(self, e: BaseException) -> None:
+        """The unsynced changes cannot be made durable: give them up, reload
+        the durable state and serve it read-only."""
+        if self.degraded is None:
+            self.degraded = f"unsynced changes were lost after an I/O error ({e})"
+            log.error("pool %s: %s; serving its durable state read-only until it is "
+                      "mounted again", self.label, self.degraded)
+        self.journal.buf.clear()
+        self._data_dirty = False
+        self.stale = self.stale or self.degraded
+
+    def _reload(self) -> None:
+        """Commit what is acknowledged but buffered, then replace the
+        in-memory state with the pool's durable state, as a remount would.
+        EIO (and still stale) if the disk does not let it yet."""
+        try:
+            if self.degraded is None and self.journal.buf:
+                self._sync_data()
+                self.journal.commit()
+            self.journal.clear_torn_tail()
+            fresh = Pool._load(self.storage, readonly=self.degraded is not None)
+        except (OSError, PoolError, FormatError) as e:
+            if isinstance(e, OSError):
+                self.io_errors += 1
+            raise PoolError(errno.EIO, f"pool {self.label} cannot reload its durable state "
+                            f"after a failed operation ({e}); it retries at the next "
+                            "request") from None
+        self._close_files()
+        id_limit = self.next_id
+        keep = {k: getattr(self, k) for k in ("_locked", "checksum_errors", "io_errors",
+                                               "degraded", "reloads", "on_reload")}
+        self.__dict__.update(vars(fresh))
+        self.__dict__.update(keep)
+        self.reloads += 1
+        log.warning("pool %s: reloaded its durable state (%d volumes, %d snapshots)%s",
+                    self.label, len(self.by_name), len(self.snaps),
+                    "; read-only" if self.degraded else "")
+        if self.on_reload is not None:
+            self.on_reload(max(id_limit, self.next_id))
 
     class _Mutation:
         def __init__(self, pool: "Pool") -> None:
@@ -905,14 +1005,14 @@ class Pool(SnapshotOps):
 
         def __exit__(self, et, e, tb) -> bool:
             if e is not None and not self.pool._replaying:
-                self.pool._fail(e)
-                if not isinstance(e, PoolError) or e.errno != errno.EIO:
+                self.pool._lose_memory(e)
+                if not isinstance(e, PoolError) or e.errno not in (errno.EIO, errno.ENOSPC):
                     raise PoolError(errno.EIO, f"pool {self.pool.label}: internal error: {e}") from e
             return False
 
     def _mutation(self) -> "Pool._Mutation":
-        """Context for in-memory changes: a failure inside leaves the pool
-        stopped (remount restores the durable state)."""
+        """Context for in-memory changes: a failure inside makes the next
+        request reload the durable state first."""
         return Pool._Mutation(self)
 
     # -- changes, shared by live operations and journal replay -------------------------
@@ -1031,6 +1131,7 @@ class Pool(SnapshotOps):
     def statfs(self) -> PoolStats:
         """Capacity and free space of the pool (free data units plus what the
         file system under it can still give, less the metadata reserve)."""
+        self.ready()
         total_host, avail = self.storage.space()
         # Units freed but not yet committed count as free: they are, a few
         # seconds from now at the latest.
@@ -1043,6 +1144,7 @@ class Pool(SnapshotOps):
     def check(self) -> list[str]:
         """Recount every reference from the trees and compare with the
         reference tables: ``[]`` when consistent, else one line per problem."""
+        self.ready()
         return [f.message for f in recount(self)]
 
     def __repr__(self) -> str:

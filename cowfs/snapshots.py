@@ -44,13 +44,13 @@ class SnapshotOps:
 
     def snapshots(self: "Pool", volume: str | None = None) -> list[SnapshotInfo]:
         """Snapshots of ``volume`` (every snapshot if None), oldest first."""
-        self._usable()
+        self.ready()
         found = [s for (owner, _), s in self.snaps.items() if volume is None or owner == volume]
         return [s.snap_info() for s in sorted(found, key=lambda s: (s.owner, s.mtime, s.id))]
 
     def snapshot_owners(self: "Pool") -> list[str]:
         """Volume names that have snapshots, including deleted volumes'."""
-        self._usable()
+        self.ready()
         return sorted({owner for owner, _ in self.snaps})
 
     def snapshot_lookup(self: "Pool", volume: str, name: str) -> SnapshotInfo:
@@ -69,7 +69,7 @@ class SnapshotOps:
         return self._dataset(ds_id).is_snapshot
 
     def _snap(self: "Pool", volume: str, name: str) -> Dataset:
-        self._usable()
+        self.ready()
         s = self.snaps.get((volume, name))
         if s is None:
             raise PoolError(errno.ENOENT, f"no snapshot {volume}@{name} in pool {self.label}")
@@ -118,7 +118,7 @@ class SnapshotOps:
         at one instant.  Refuses before any change if a volume is unknown
         (ENOENT), already has a snapshot of that name (EEXIST), or the name or
         the list is bad (EINVAL)."""
-        self._usable()
+        self._writable()
         validate_name(name, "snapshot")
         targets = self._distinct_volumes(volumes, "snapshot")
         for v in targets:
@@ -160,7 +160,7 @@ class SnapshotOps:
         if None) at its snapshot ``name``, all at one instant.  What each
         volume held is kept as a snapshot ``undo-<UTC time>``.  Returns the
         plan: ``[{"volume", "snapshot", "undo", "size"}]``."""
-        self._usable()
+        self._writable()
         validate_name(name, "snapshot")
         if volumes:
             targets = self._distinct_volumes(volumes, "restore")
@@ -196,7 +196,7 @@ class SnapshotOps:
         """Create writable volumes sharing every block with their sources, all
         at one instant.  Each item is ``(volume, snapshot or None for the live
         volume, new volume name)``."""
-        self._usable()
+        self._writable()
         if not items:
             raise PoolError(errno.EINVAL, "clone: nothing to clone")
         sources = []
@@ -238,21 +238,24 @@ class SnapshotOps:
         return s
 
     def _snapop(self: "Pool", op: dict) -> None:
+        self._writable()
+        mark = self.journal.mark()
         with self._mutation():
             self._apply_snapop(op)
             self._log(R_SNAPOP, json.dumps(op, separators=(",", ":")).encode())
         # Snapshot, restore and clone are durable when they return: an
         # operator who took a snapshot before an upgrade must be able to
         # count on it, whoever forgets to fsync.  If the commit fails the
-        # change cannot be taken back in memory, so the pool stops rather
-        # than show an operation it refused; a remount restores the last
-        # durable state, without it.
+        # change cannot be taken back in memory: its record is dropped and
+        # the next request reloads the durable state, without it.
         try:
             self.sync()
         except PoolError as e:
-            self._fail(e)
-            raise PoolError(errno.EIO, f"pool {self.label}: {op['op']} could not be committed "
-                            f"({e}); the pool stopped, mount it again") from None
+            if self.degraded is None:
+                self.journal.rewind(mark)
+                self._lose_memory(e)
+            raise PoolError(e.errno, f"pool {self.label}: {op['op']} could not be committed, "
+                            f"nothing changed: {e}") from None
 
     # -- changes, shared with journal replay ------------------------------------------
 

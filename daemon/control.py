@@ -502,13 +502,16 @@ def cancel_scrub(pool: Pool, current: ScrubJob | None) -> ScrubJob:
 def pool_status(pool: Pool, scrub: ScrubJob | None, mounted_ns: int) -> bytes:
     """The content of ``.pool/status``: one JSON object and a newline with the
     pool's directory, its volume and snapshot counts, the checksum and I/O
-    errors seen since it was mounted (at ``mounted_ns``), why it stopped
-    serving if it did, and the current or last scrub (None before the first)."""
+    errors seen since it was mounted (at ``mounted_ns``), its state
+    (``serving``; ``reloading`` while a failed operation's half-made change
+    waits to be replaced by the durable state; ``read-only`` after lost
+    unsynced changes) with the reason, and the current or last scrub (None
+    before the first)."""
     try:
         volumes: int | None = len(pool.volumes())
         snapshots: int | None = len(pool.snapshots())
     except PoolError:
-        # A pool stopped by an internal error refuses listings; its status
+        # A pool that cannot reload yet refuses listings; its status
         # matters all the more.
         volumes = snapshots = None
     status = {
@@ -518,7 +521,9 @@ def pool_status(pool: Pool, scrub: ScrubJob | None, mounted_ns: int) -> bytes:
         "snapshots": snapshots,
         "checksum_errors": pool.checksum_errors,
         "io_errors": pool.io_errors,
-        "failed": pool.failed,
+        "state": ("read-only" if pool.degraded else "reloading" if pool.stale
+                  else "serving"),
+        "reason": pool.degraded or pool.stale,
         "scrub": scrub.to_json() if scrub is not None else None,
     }
     return json.dumps(status).encode() + b"\n"

@@ -395,6 +395,7 @@ class VolumeOps(pyfuse3.Operations):
         self._scrubs_in, self._scrubs_out = \
             trio.open_memory_channel[control.ScrubJob](math.inf)
         self._scrubs_served = False
+        pool.on_reload = self._pool_reloaded
 
     # -- helpers --------------------------------------------------------
 
@@ -644,6 +645,15 @@ class VolumeOps(pyfuse3.Operations):
         if not job.done.is_set():
             log.warning("the kernel has not dropped its cached copies within %.0f s; "
                         "readers may see old data until it does", INVALIDATE_WAIT)
+
+    def _pool_reloaded(self, id_limit: int) -> None:
+        """The pool went back to its durable state after a failed operation:
+        sizes, names and (after lost unsynced changes) data the kernel cached
+        may be gone.  Queued, not awaited: this runs inside a request."""
+        job = _Invalidation()
+        job.inodes = [(VOLUME_INODE_BASE + i, False) for i in range(1, id_limit)]
+        job.inodes.append((ROOT_INODE, True))
+        self._invalidations_in.send_nowait(job)
 
     # -- scrubs ----------------------------------------------------------
 

@@ -346,3 +346,110 @@ def test_full_pool() -> None:
     assert read_all(pool, keep, len(kept)) == kept
     assert pool.check() == []
     pool.close()
+
+
+def _tree_with_levels(storage: SimStorage) -> tuple[Pool, int, dict[int, bytes]]:
+    """A pool whose volume 'disk' maps enough scattered blocks for a tree of
+    more than one level, checkpointed and reopened so that nothing is cached."""
+    Pool.mkfs(storage, compression=False)
+    pool = Pool.open(storage)
+    vid = pool.create_volume("disk", 64 << 20).id
+    rng = random.Random(11)
+    written = {}
+    for b in range(0, 4000, 3):
+        written[b] = rng.randbytes(BLOCK)
+        pool.write(vid, b * BLOCK, written[b])
+    pool.close()
+    return Pool.open(storage), vid, written
+
+
+def test_failed_tree_update_reloads_and_keeps_serving() -> None:
+    """Proves: a node that cannot be read in the middle of a write fails that
+    write with EIO and nothing else: the next request reloads the durable
+    state (committing the writes acknowledged before), the write that failed
+    left no trace, the FUSE layer is told to drop its caches, and the pool
+    takes writes and fsyncs again; while the disk keeps failing, requests get
+    EIO and the housekeeping tick retries until the reload works."""
+    storage = SimStorage(label="sim-reload")
+    pool, vid, written = _tree_with_levels(storage)
+    reloads: list[int] = []
+    pool.on_reload = reloads.append
+    pool.write(vid, 1 * BLOCK, b"acknowledged, not yet fsynced".ljust(BLOCK, b"."))
+    written[1] = pool.read(vid, BLOCK, BLOCK)
+
+    def fail(op: str, name: str, offset: int, length: int) -> None:
+        if (op, name) == ("read", "meta"):
+            raise OSError(errno.EIO, "injected EIO on read of meta")
+
+    storage.fault = fail
+    with pytest.raises(PoolError) as info:
+        pool.write(vid, 3999 * BLOCK, bytes([9]) * 2 * BLOCK)
+    assert info.value.errno == errno.EIO, info.value
+    assert pool.stale is not None
+    # The disk still fails: the reload cannot happen yet, and says so.
+    with pytest.raises(PoolError) as info:
+        pool.read(vid, 0, BLOCK)
+    assert info.value.errno == errno.EIO and "reload" in str(info.value), info.value
+    pool.tick()
+    assert pool.stale is not None and reloads == []
+
+    storage.fault = None
+    pool.tick()                       # the housekeeping retry does it
+    assert pool.stale is None and reloads == [pool.next_id]
+    for b, data in written.items():
+        assert pool.read(vid, b * BLOCK, BLOCK) == data, f"block {b} after the reload"
+    assert pool.read(vid, 3999 * BLOCK, 2 * BLOCK) == written[3999] + bytes(BLOCK)
+    assert pool.check() == []
+    pool.write(vid, 3999 * BLOCK, bytes([9]) * 2 * BLOCK)
+    pool.sync()
+    pool.close()
+    reopened = Pool.open(storage)
+    assert reopened.read(vid, BLOCK, BLOCK) == written[1]
+    assert reopened.read(vid, 3999 * BLOCK, 2 * BLOCK) == bytes([9]) * 2 * BLOCK
+    reopened.close()
+
+
+def test_failed_data_sync_leaves_pool_read_only() -> None:
+    """Proves: after a failed fdatasync of the data file the unsynced writes
+    are given up: the pool serves its durable state, refuses writes, creates
+    and snapshots with EROFS and every fsync with EIO (an application must
+    never be told that a write it lost is durable), and a remount makes it
+    writable again with every fsynced byte in place."""
+    storage = SimStorage(label="sim-readonly")
+    Pool.mkfs(storage, compression=False)
+    pool = Pool.open(storage)
+    vid = pool.create_volume("disk", 1 << 20).id
+    durable = random.Random(3).randbytes(8 * BLOCK)
+    pool.write(vid, 0, durable)
+    pool.sync()
+    pool.write(vid, 0, bytes([1]) * BLOCK)
+
+    def fail(op: str, name: str, offset: int, length: int) -> None:
+        if (op, name) == ("sync", "data"):
+            raise OSError(errno.EIO, "injected EIO on sync of data")
+
+    storage.fault = fail
+    with pytest.raises(PoolError) as info:
+        pool.sync()
+    assert info.value.errno == errno.EIO
+    storage.fault = None
+    assert pool.read(vid, 0, 8 * BLOCK) == durable
+    for what, call, want in [
+        ("write", lambda: pool.write(vid, 0, b"x"), errno.EROFS),
+        ("create", lambda: pool.create_volume("new"), errno.EROFS),
+        ("snapshot", lambda: pool.snapshot(["disk"], "s"), errno.EROFS),
+        ("truncate", lambda: pool.truncate(vid, 0), errno.EROFS),
+        ("fsync", pool.sync, errno.EIO),
+        ("fsync again", pool.sync, errno.EIO),
+    ]:
+        with pytest.raises(PoolError) as info:
+            call()
+        assert info.value.errno == want, f"{what}: {info.value.errname} {info.value}"
+        assert "sim-readonly" in str(info.value), f"{what}: {info.value}"
+    pool.close()
+    pool = Pool.open(storage)
+    assert pool.read(vid, 0, 8 * BLOCK) == durable
+    pool.write(vid, 0, b"writable again")
+    pool.sync()
+    assert pool.check() == []
+    pool.close()

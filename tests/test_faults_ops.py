@@ -21,17 +21,21 @@ again with call ``k`` failing, for every ``k``, in these variants:
   still show exactly what was acknowledged.
 
 Each time, the operation must succeed (the engine found another way) or
-raise :class:`PoolError` with the injected errno -- or EIO once the pool has
-stopped itself -- and nothing else.  The live pool must then be in one of
-the states the engine documents:
+raise :class:`PoolError` with the injected errno -- or EIO when the failure
+left the pool needing a reload or read-only -- and nothing else.  The disk is
+then back, and the live pool must be in one of the states the engine
+documents:
 
-* *refused*: nothing changed and the pool keeps serving;
-* *stopped*: the pool refuses everything with EIO until it is opened again;
+* *refused*: nothing changed and the pool keeps serving (after reloading its
+  durable state, if the failure came half way through a change);
 * *failed after the change*: the change is in place in memory and will be
   committed by the next sync (only allowed when the failing call belongs to
-  the journal commit that makes the change durable: the commit inside a
-  snapshot, restore or clone, or the fsync after a delete or rename);
-* *absorbed*: the operation succeeded in spite of the fault.
+  the journal commit that makes the change durable: the fsync after a
+  delete or rename);
+* *absorbed*: the operation succeeded in spite of the fault;
+* *read-only*: a data sync (or the superblock switch of a checkpoint)
+  failed, so unsynced changes were given up: the pool serves its durable
+  state, refuses writes with EROFS and every fsync with EIO.
 
 A pool that keeps serving must accept a follow-up write and fsync.  Then a
 power cut at the current end of the log (unsynced writes lost) and a plain
@@ -356,7 +360,7 @@ class Outcome:
 
     call: Call
     variant: str
-    result: str          # 'refused', 'stopped', 'failed-after-change', 'absorbed'
+    result: str          # 'refused', 'failed-after-change', 'absorbed', 'read-only' (+reload)
     errname: str         # errno the operation raised ('' if it succeeded)
     notes: list[str] = field(default_factory=list)
 
@@ -399,48 +403,58 @@ def inject(name: str, k: int, variant: str) -> Outcome:
         "deterministic")
     where = f"scenario {name}, {variant} at I/O call {k} {injector.fired[:2]}"
     lost = (injector.fired[1], injector.fired_at_log) if variant == "EIO-pages-lost" else None
-    stopped = pool.failed is not None
+    reloaded = pool.stale is not None
+    read_only = pool.degraded is not None
 
     if failure is not None:
-        allowed = {errno.errorcode[err]} | ({"EIO"} if stopped else set())
+        allowed = {errno.errorcode[err]} | ({"EIO"} if reloaded or read_only else set())
         assert failure.errname in allowed, (
             f"{where}: raised {failure.errname} ({failure}); expected one of {sorted(allowed)}")
-    if stopped:
-        result = "stopped"
-        assert failure is not None, f"{where}: the pool stopped but the operation succeeded"
-        for what, call in (("sync", pool.sync),
-                           ("read", lambda: pool.read(vid(pool, "vm1.img"), 0, BLOCK))):
+    # The disk is back: the next request reloads the pool if it must, and works.
+    live = fingerprint(pool)
+    assert pool.stale is None, f"{where}: still waiting to reload once the disk is back"
+    if read_only:
+        result = "read-only"
+        assert live in (ref.durable_before, ref.durable_after), (
+            f"{where}: read-only, but serves neither the durable state before "
+            f"({diff(live, ref.durable_before)}) nor after ({diff(live, ref.durable_after)})")
+        for what, call, want in (
+                ("write", lambda: pool.write(vid(pool, "vm1.img"), 0, b"x"), errno.EROFS),
+                ("sync", pool.sync, errno.EIO)):
             with pytest.raises(PoolError) as refused:
                 call()
-            assert refused.value.errno == errno.EIO, (
-                f"{where}: a stopped pool refuses {what} with {refused.value.errname}, not EIO")
+            assert refused.value.errno == want, (
+                f"{where}: a read-only pool refuses {what} with {refused.value.errname}, "
+                f"not {errno.errorcode[want]}")
+    elif failure is None:
+        result = "absorbed"
+        assert live == ref.live_after, (
+            f"{where}: succeeded but serves another state: {diff(live, ref.live_after)}")
+    elif live == ref.live_before:
+        result = "refused"
+    elif live == ref.live_after:
+        result = "failed-after-change"
+        assert injector.fired[:2] in COMMIT_CALLS and not reloaded, (
+            f"{where}: raised {failure.errname} but the change stays in place, although "
+            "the failing call was not part of the commit that makes it durable")
     else:
-        live = fingerprint(pool)
-        if failure is None:
-            result = "absorbed"
-            assert live == ref.live_after, (
-                f"{where}: succeeded but serves another state: {diff(live, ref.live_after)}")
-        elif live == ref.live_before:
-            result = "refused"
-        elif live == ref.live_after:
-            result = "failed-after-change"
-            assert injector.fired[:2] in COMMIT_CALLS, (
-                f"{where}: raised {failure.errname} but the change stays in place, although "
-                "the failing call was not part of the commit that makes it durable")
-        else:
-            raise AssertionError(
-                f"{where}: raised {failure.errname}, keeps serving, and serves neither the "
-                f"state before ({diff(live, ref.live_before)}) nor after "
-                f"({diff(live, ref.live_after)})")
+        raise AssertionError(
+            f"{where}: raised {failure.errname}, keeps serving, and serves neither the "
+            f"state before ({diff(live, ref.live_before)}) nor after "
+            f"({diff(live, ref.live_after)})")
+    if reloaded:
+        result += "+reload"
 
     durable = (ref.durable_before, ref.durable_after)
+    # A reload commits what was acknowledged before the operation.
+    after_fault = durable + ((ref.live_before,) if reloaded else ())
     got = recover(power_cut(storage, lost), f"{where}: power cut right after the fault")
-    assert got in durable, (
+    assert got in after_fault, (
         f"{where}: a power cut right after the fault leaves neither the state before "
         f"({diff(got, ref.durable_before)}) nor after ({diff(got, ref.durable_after)})")
 
     expect_reopen: Fingerprint | None = None
-    if not stopped:
+    if not read_only:
         # The pool keeps serving: a follow-up write and fsync must work, and
         # from then on everything it serves is acknowledged.
         pool.write(vid(pool, "vm1.img"), 3, b"follow-up write after the fault")
@@ -500,7 +514,7 @@ ALL_OPS = ("read", "write", "sync", "allocate")
 def test_fault_at_every_io_point(name: str) -> None:
     """Proves, for one operation: EIO or ENOSPC (once, or for the rest of the
     operation) at each of its I/O calls makes it fail cleanly with that
-    errno, leaves the pool serving or stopped as documented, and a power cut
+    errno, leaves the pool serving or read-only as documented, and a power cut
     or a reopen afterwards shows a consistent, fsck-clean pool holding
     everything acknowledged and the operation wholly done or not at all."""
     ref = reference(name)

@@ -153,7 +153,7 @@ def test_pool_directory_and_ctl_refusals(mounted: CowfsMount) -> None:
     doc = json.loads(raw)
     assert doc["pool"] == str(mounted.pool)
     assert (doc["volumes"], doc["snapshots"], doc["checksum_errors"], doc["io_errors"],
-            doc["scrub"], doc["failed"]) == (1, 0, 0, 0, None, None), doc
+            doc["scrub"], doc["state"], doc["reason"]) == (1, 0, 0, 0, None, "serving", None), doc
 
     with pytest.raises(OSError) as caught:
         os.open(mnt / POOL / "status", os.O_WRONLY)

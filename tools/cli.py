@@ -753,7 +753,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _pool_health(mount: Mount) -> dict:
     """From ``.pool/status``: ``errors`` (checksum and I/O errors since the
-    mount), ``failed`` (why the pool stopped serving, or None) and ``scrub``
+    mount), ``state`` and ``reason`` (see ``.pool/status``) and ``scrub``
     (the current or last scrub, or None).  All None when the daemon has no
     ``.pool`` directory."""
     try:
@@ -761,10 +761,10 @@ def _pool_health(mount: Mount) -> dict:
     except MountCtlError as err:
         if err.errno != errno.ENOTSUP:
             raise CliError(str(err)) from None
-        return {"errors": None, "failed": None, "scrub": None}
+        return {"errors": None, "state": None, "reason": None, "scrub": None}
     return {"errors": {"checksum": status["checksum_errors"], "io": status["io_errors"],
                        "since": status["mounted"]},
-            "failed": status["failed"], "scrub": status["scrub"]}
+            "state": status["state"], "reason": status["reason"], "scrub": status["scrub"]}
 
 
 def _health_lines(health: dict) -> list[str]:
@@ -773,9 +773,14 @@ def _health_lines(health: dict) -> list[str]:
     if errors is None:
         return ["errors:   unknown (this daemon predates error counters; remount to get them)"]
     lines = []
-    if health["failed"]:
-        lines.append(f"state:    STOPPED after an internal error ({health['failed']}); every "
-                     "request fails with EIO: unmount and mount the pool again")
+    if health["state"] == "read-only":
+        lines.append(f"state:    READ-ONLY: {health['reason']}; writes fail with EROFS and "
+                     "fsync with EIO: unmount and mount the pool again")
+    elif health["state"] == "reloading":
+        lines.append(f"state:    RELOADING after a failed operation ({health['reason']}); "
+                     "requests fail with EIO until the disk under the pool answers again")
+    else:
+        lines.append("state:    serving")
     lines.append(f"errors:   {errors['checksum']} checksum, {errors['io']} I/O "
                  f"(since mounted at {errors['since']})")
     scrub = health["scrub"]
