@@ -28,9 +28,12 @@ SNAPBENCH_ARGS ?=
 # run pyfuse3; python3-venv provides ensurepip for Debian's python3; fio,
 # e2fsprogs (mkfs.ext4, fsck) and util-linux (losetup) are used by the tests
 # and the benchmark; kmod provides modprobe; attr provides getfattr;
-# qemu-utils provides qemu-img (the snapshot contract says it reads images).
+# qemu-utils provides qemu-img (the snapshot contract says it reads images);
+# qemu-system-common provides qemu-storage-daemon, whose FUSE export of a
+# qcow2 image is the peer make bench measures cowfs against.
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc libc6-dev python3-dev \
-                python3-venv fio e2fsprogs util-linux kmod attr qemu-utils
+                python3-venv fio e2fsprogs util-linux kmod attr qemu-utils \
+                qemu-system-common
 
 # Privileged commands go through sudo unless we already are root.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
@@ -94,10 +97,15 @@ test: deps
 test-slow: deps
 	$(SUDO) $(VPY) -m pytest -q -m slow $(PYTEST_ARGS)
 
-bench: deps
+# The bench extra (matplotlib for the chart, py-spy) is installed on demand.
+$(VENV)/.bench-stamp: $(VENV)/.stamp
+	$(VPY) -m pip install -e '.[test,bench]'
+	touch $@
+
+bench: deps $(VENV)/.bench-stamp
 	$(SUDO) $(VPY) tools/bench.py $(BENCH_ARGS)
 
-snapbench: deps
+snapbench: deps $(VENV)/.bench-stamp
 	$(SUDO) $(VPY) tools/snapbench.py $(SNAPBENCH_ARGS)
 
 # Long-running stress (not part of `make test`): fio --verify on volumes

@@ -57,6 +57,7 @@ DIRTY_NODE_LIMIT = 12288             # ~50 MiB of dirty tree nodes before a chec
 JOURNAL_BUFFER_LIMIT = 4 << 20
 META_RESERVE_UNITS = 1024            # free meta units kept so commits never need new space
 HOST_HEADROOM = 32 << 20             # data never takes the last bytes of the host file system
+INCOMPRESSIBLE_GIVE_UP = 2           # blocks of one write lz4 may fail on before it stops trying
 MIN_GROW_UNITS = 1024                # grow pool files by at least 4 MiB
 ZERO_BLOCK = bytes(BLOCK)
 
@@ -472,11 +473,13 @@ class Pool(SnapshotOps):
 
     # -- data -------------------------------------------------------------------
 
-    def read(self, vol_id: int, offset: int, length: int) -> bytes:
+    def read(self, vol_id: int, offset: int, length: int) -> bytes | bytearray:
         """Bytes ``offset .. offset+length`` of a volume or snapshot, short at its end.
 
         Holes read as zeros.  A block whose checksum does not match raises
-        ChecksumError (EIO) and is logged with pool, volume and offset.
+        ChecksumError (EIO) and is logged with pool, volume and offset.  The
+        result is a fresh buffer the caller may keep (bytes, or a bytearray
+        when that saves a copy).
         """
         v = self._dataset(vol_id)
         if offset < 0 or length < 0:
@@ -488,13 +491,16 @@ class Pool(SnapshotOps):
         b1 = (end + BLOCK - 1) // BLOCK
         out = self._read_blocks(v, b0, b1 - b0)
         start = offset - b0 * BLOCK
-        return bytes(out[start:start + end - offset])
+        if start == 0 and end - offset == len(out):
+            return out          # the aligned case: no copy
+        return bytes(memoryview(out)[start:start + end - offset])
 
-    def _read_blocks(self, v: Dataset, b0: int, nb: int) -> bytearray:
-        out = bytearray(nb * BLOCK)
+    def _read_blocks(self, v: Dataset, b0: int, nb: int) -> bytes | bytearray:
+        """Blocks ``b0 .. b0+nb-1`` of ``v``, checksums verified."""
         if not v.root:
-            return out
+            return bytearray(nb * BLOCK)
         ptrs = self.tree.lookup_range(v.root, b0, nb)
+        out = bytearray(nb * BLOCK)
         i = 0
         while i < nb:
             p = ptrs[i]
@@ -516,6 +522,8 @@ class Pool(SnapshotOps):
                     part = mv[(k - i) * BLOCK:(k - i + 1) * BLOCK]
                     if checksum(part) != ptrs[k][1]:
                         self._bad_block(v, b0 + k, ptrs[k][0])
+                if i == 0 and j == nb:
+                    return raw      # one contiguous run: skip the copy
                 out[i * BLOCK:j * BLOCK] = raw
                 i = j
                 continue
@@ -580,6 +588,7 @@ class Pool(SnapshotOps):
         slens = array("H", bytes(2 * nb))
         total_sectors = 0
         compress = self.compress and nb > 1
+        misses = 0
         for i in range(nb):
             blk = buf[i * BLOCK:(i + 1) * BLOCK]
             # memoryview == bytes compares item by item; bytes() then memcmp
@@ -591,13 +600,22 @@ class Pool(SnapshotOps):
                 c = lz4.block.compress(blk, store_size=False)
                 if len(c) <= BLOCK - SECTOR:
                     blk = c
+                else:
+                    # Incompressible data (media, encrypted or already
+                    # compressed) costs lz4 about 1 us a block for nothing:
+                    # after INCOMPRESSIBLE_GIVE_UP misses, store the rest of
+                    # this write as it is.
+                    misses += 1
+                    compress = misses < INCOMPRESSIBLE_GIVE_UP
             stored.append(blk)
             slens[i] = len(blk)
             total_sectors += -(-len(blk) // SECTOR)
         addrs = array("Q", bytes(8 * nb))
         csums = array("Q", bytes(8 * nb))
         if total_sectors:
-            self._store(stored, slens, addrs, csums, total_sectors)
+            # All blocks raw: the buffer as it came is what goes to disk.
+            whole = buf if total_sectors == nb * SECTORS_PER_BLOCK else None
+            self._store(stored, slens, addrs, csums, total_sectors, whole)
         with self._mutation():
             self._apply_write(v.id, b0, nb, addrs, csums, slens, new_size)
             self._log(R_WRITE, WRITE.pack(v.id, b0, nb) + struct.pack("<Q", new_size)
@@ -607,8 +625,9 @@ class Pool(SnapshotOps):
         self._after_change()
 
     def _store(self, stored: list, slens: array, addrs: array, csums: array,
-               total_sectors: int) -> None:
-        """Write stored blocks to fresh, RESERVED data units; fill addrs/csums."""
+               total_sectors: int, whole: memoryview | None = None) -> None:
+        """Write stored blocks to fresh, RESERVED data units; fill addrs/csums.
+        ``whole``: all of ``stored`` in one buffer, if the blocks are that."""
         units = -(-total_sectors // SECTORS_PER_BLOCK)
         start = self._alloc_data(units)
         writes: list[tuple[int, bytes | memoryview]] = []
@@ -627,7 +646,10 @@ class Pool(SnapshotOps):
                 if pad:
                     parts.append(bytes(pad))
                 sector += (len(blk) + pad) // SECTOR
-            payload = parts[0] if len(parts) == 1 else b"".join(parts)
+            if whole is not None:
+                payload = whole
+            else:
+                payload = parts[0] if len(parts) == 1 else b"".join(parts)
             writes.append((start * BLOCK, payload))
         else:
             # No contiguous run: one unit per block.
@@ -734,7 +756,7 @@ class Pool(SnapshotOps):
             # The new last block keeps its head and loses its tail, in the same
             # record as the size change, so a later grow reads zeros there.
             b = size // BLOCK
-            blk = self._read_blocks(v, b, 1)
+            blk = bytearray(self._read_blocks(v, b, 1))
             cut = size - b * BLOCK
             if any(blk[cut:]):
                 blk[cut:] = bytes(BLOCK - cut)
@@ -1101,16 +1123,24 @@ class Pool(SnapshotOps):
     def _apply_write(self, vid: int, b0: int, nb: int, addrs: array, csums: array,
                      slens: array, new_size: int) -> None:
         v = self._known(vid)
-        ent = Entries()
-        take = self.take
-        for i in range(nb):
-            s = slens[i]
-            if s:
-                ent.keys.append(b0 + i)
-                ent.addrs.append(addrs[i])
-                ent.csums.append(csums[i])
-                ent.slens.append(s)
-                take(addrs[i], s)
+        if (nb and addrs[0] % SECTORS_PER_BLOCK == 0 and slens.count(BLOCK) == nb
+                and addrs == array("Q", range(addrs[0], addrs[0] + nb * SECTORS_PER_BLOCK,
+                                              SECTORS_PER_BLOCK))
+                and self.drc.take_run(addrs[0] // SECTORS_PER_BLOCK, nb)):
+            # The common case of a write of incompressible data: whole blocks
+            # in consecutive units, one unit each, taken in one slice above.
+            ent = Entries(array("Q", range(b0, b0 + nb)), addrs, csums, slens)
+        else:
+            ent = Entries()
+            take = self.take
+            for i in range(nb):
+                s = slens[i]
+                if s:
+                    ent.keys.append(b0 + i)
+                    ent.addrs.append(addrs[i])
+                    ent.csums.append(csums[i])
+                    ent.slens.append(s)
+                    take(addrs[i], s)
         v.root = self.tree.replace(v.root, b0, b0 + nb, ent)
         v.mapped += self.tree.delta
         v.size = new_size

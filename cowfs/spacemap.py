@@ -33,6 +33,9 @@ PAGE_SHIFT = 12            # 4096 units per persisted page
 PAGE_UNITS = 1 << PAGE_SHIFT
 _ZERO_PAGE = bytes(PAGE_UNITS)
 
+# Translation that reads RESERVED as free (0) and everything else as 1.
+_RESERVED_AS_FREE = bytes(0 if i in (0, RESERVED) else 1 for i in range(256))
+
 # Translation that persists markers as free and keeps counts.
 _PERSIST = bytes(0 if i in _MARKERS else i for i in range(256))
 
@@ -77,6 +80,19 @@ class RefTable:
         else:
             raise AssertionError(f"incref of unit {unit} in state {v}")
         self.dirty_pages.add(unit >> PAGE_SHIFT)
+
+    def take_run(self, start: int, n: int) -> bool:
+        """Give each of the ``n`` units from ``start`` its first reference
+        if every one of them is free or reserved (True); else change nothing
+        (False) and let the caller take them one by one."""
+        rc = self.rc
+        run = rc[start:start + n]
+        if run != bytes([RESERVED]) * n and run.count(0) != n:
+            if run.translate(_RESERVED_AS_FREE).count(0) != n:
+                return False
+        rc[start:start + n] = b"\x01" * n
+        self.dirty_pages.update(range(start >> PAGE_SHIFT, ((start + n - 1) >> PAGE_SHIFT) + 1))
+        return True
 
     def decref(self, unit: int) -> int:
         """Drop one reference; at zero the unit becomes PENDING.  Returns the new count."""

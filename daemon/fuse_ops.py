@@ -200,18 +200,23 @@ def _request(handler: _Handler) -> _Handler:
     return answer  # type: ignore[return-value]
 
 
+def _stale_if_gone(err: PoolError, ds_id: int) -> PoolError:
+    """``err``, or ESTALE if it says the volume or snapshot no longer exists:
+    "no such file" would be a confusing answer to read(2)."""
+    if err.errno != errno.ENOENT:
+        return err
+    return PoolError(errno.ESTALE, f"volume or snapshot id {ds_id} was removed while "
+                     "still in use")
+
+
 @contextlib.contextmanager
 def _still_present(ds_id: int) -> Iterator[None]:
     """Report a volume or snapshot that vanished under an open handle or a
-    cached inode as ESTALE: "no such file" would be a confusing answer to
-    read(2)."""
+    cached inode as ESTALE (:func:`_stale_if_gone`)."""
     try:
         yield
     except PoolError as err:
-        if err.errno != errno.ENOENT:
-            raise
-        raise PoolError(errno.ESTALE, f"volume or snapshot id {ds_id} was removed while "
-                        "still in use") from None
+        raise _stale_if_gone(err, ds_id) from None
 
 
 def _is_dataset(inode: int) -> bool:
@@ -1024,8 +1029,11 @@ class VolumeOps(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._handle(fh)
         if isinstance(handle, _DataHandle):
-            with _still_present(handle.ds_id):
+            # The hot path: no context manager (see _still_present).
+            try:
                 return self.pool.read(handle.ds_id, off, size)
+            except PoolError as err:
+                raise _stale_if_gone(err, handle.ds_id) from None
         if isinstance(handle, _CtlHandle):
             if off < handle.result_at:
                 handle.result_at = 0
@@ -1037,8 +1045,10 @@ class VolumeOps(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handle(fh)
         if isinstance(handle, _DataHandle):
-            with _still_present(handle.ds_id):
+            try:
                 return self.pool.write(handle.ds_id, off, buf)
+            except PoolError as err:
+                raise _stale_if_gone(err, handle.ds_id) from None
         if isinstance(handle, _CtlHandle):
             return await self._command(handle, off, buf)
         raise PoolError(errno.EROFS, "status files are read-only")
