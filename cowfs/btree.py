@@ -322,6 +322,12 @@ class Tree:
                 self._drop_subtree(children[i])
                 continue
             new.extend(self._replace(children[i], max(lo, clb), min(hi, cub), sub, clb, cub))
+        if i0 == i1 and len(new) == 1:
+            # One child replaced by one node (most small writes): no key
+            # moves, and the node cannot have grown past its capacity.
+            keys[i0] = lb if i0 == 0 else new[0][0]
+            children[i0] = new[0][1]
+            return [(lb, node.addr)]
         keys[i0:i1 + 1] = array("Q", [k for k, _ in new])
         children[i0:i1 + 1] = array("Q", [c for _, c in new])
         if not keys:
