@@ -3,8 +3,9 @@
 #   make run        set up, create the default pool if needed, mount it (foreground)
 #   make test       set up, run the test suite (needs root: FUSE, loop devices)
 #   make test-slow  the slow tests only
-#   make bench      fio: cowfs volume vs. a plain file on the same disk
-#   make snapbench  snapshot/clone time vs. data, count and clone depth
+#   make bench      fio: cowfs vs. qcow2 (qemu-storage-daemon), a pyfuse3 ceiling and
+#                   a plain file; then snapbench
+#   make snapbench  snapshots and clones vs. data, count and depth, side by side with qcow2
 #   make soak       stress run: fio --verify, snapshots, restores, SIGKILLs (DURATION=30m)
 #   make install    install cowfs, mount.cowfs and cowfs@.service system-wide
 #   make uninstall  remove what make install installed (configs are kept)
@@ -104,6 +105,7 @@ $(VENV)/.bench-stamp: $(VENV)/.stamp
 
 bench: deps $(VENV)/.bench-stamp
 	$(SUDO) $(VPY) tools/bench.py $(BENCH_ARGS)
+	$(SUDO) $(VPY) tools/snapbench.py $(SNAPBENCH_ARGS)
 
 snapbench: deps $(VENV)/.bench-stamp
 	$(SUDO) $(VPY) tools/snapbench.py $(SNAPBENCH_ARGS)

@@ -1,26 +1,86 @@
-"""fio benchmark: a cowfs volume against a plain file on the same host disk.
+"""fio benchmark: a cowfs volume side by side with its peers, on the same host.
 
-Run it as root (it mounts cowfs and attaches loop devices), from the project's
-venv so that the ``cowfs`` command next to the interpreter is the one under
-test::
+Run it as root (it mounts FUSE file systems and attaches loop devices), from
+the project's venv so that the ``cowfs`` command next to the interpreter is
+the one under test::
 
     make bench                      # or: .venv/bin/python tools/bench.py
     .venv/bin/python tools/bench.py --size 4G --runtime 30 --reps 3
+    .venv/bin/python tools/bench.py --size 64M --runtime 2 --reps 1 \\
+        --targets cowfs,ceiling --accesses file --profiles rand-read-4K --no-pinned
 
-It makes a fresh pool and mountpoint in a temporary directory under ``--dir``,
-mounts the pool, creates one volume there (``truncate``) and a plain sparse
-file of the same size beside the pool, fills both once with a sequential write
-so that reads hit real data rather than holes, then runs four fio profiles
-(sequential 1 MiB write/read, random 4 KiB write/read; ``ioengine=psync``,
-queue depth 1, writes end with an fsync) against each target, first on the
-file itself and then through a loop device (``losetup --direct-io=on``).  Runs
-are interleaved (cowfs, plain, cowfs, plain, ...) so that drift of the host
-disk affects both alike.  The median of each series goes to stdout as a
-markdown table; all fio JSON reports are saved in one file in ``--dir``.
+Targets (``--targets``, default all four), each ``--size`` bytes, created in a
+temporary directory under ``--dir``:
+
+``cowfs``
+    a volume in a fresh pool, mounted by the ``cowfs`` command;
+``qcow2``
+    a qcow2 image (``qemu-img create -f qcow2``, 64 KiB clusters) served as a
+    file by qemu-storage-daemon's FUSE export (see :mod:`cowfs_tools.peers`);
+``ceiling``
+    an in-memory file served by :mod:`cowfs_tools.ceiling`: the bare
+    per-request cost of a pyfuse3 + trio daemon, mounted and opened the way
+    cowfs is;
+``plain``
+    a plain sparse file on the host file system (no FUSE at all).
+
+Each target is written once in full with sequential 1 MiB writes (the *first
+fill*, over unallocated space: its throughput is a row of its own), so that
+reads meet data rather than holes.  Then every fio profile (``--profiles``)
+runs on every target through every access mode (``--accesses``):
+
+``file``
+    fio on the file itself, with O_DIRECT;
+``loop``
+    a default loop device (``losetup``: the loop driver goes through the
+    page cache of the file), fio with ``direct=1`` on ``/dev/loopN``;
+``loop-dio``
+    a loop device attached with ``losetup --direct-io=on``, fio ``direct=1``.
+
+All three FUSE targets open their file with FUSE's ``direct_io`` flag
+(qemu-storage-daemon does so on its own; cowfs and the ceiling set it), so
+every request reaches the daemon, whatever the access mode; only ``plain``
+gets the page cache under a default loop device.
+
+Profiles: ``seq-write-1M``, ``seq-read-1M``, ``rand-write-4K``,
+``rand-read-4K`` (``ioengine=psync``, queue depth 1) and
+``rand-write-4K-QD16``, ``rand-read-4K-QD16`` (``ioengine=libaio``,
+``iodepth=16``); writes end with an fsync.  Runs are interleaved per
+repetition and profile (cowfs, qcow2, ceiling, plain, cowfs, ...) so that
+drift of the host affects all targets alike; the host page cache is dropped
+before each run when the system allows it.  The table shows the median of
+``--reps`` runs and cowfs's throughput divided by each peer's (below 1: cowfs
+is slower).
+
+Last comes one *pinned* pass (unless ``--no-pinned``): fio and the target's
+daemon are pinned to one CPU (the highest this process may use) with
+``taskset``, and ``rand-write-4K`` and ``rand-read-4K`` run once on each file.
+It reports IOPS and the daemon's CPU time per request: the growth of
+utime + stime in ``/proc/PID/stat`` (clock ticks, converted to microseconds)
+divided by the number of I/Os fio did.  Daemons are pinned where they run,
+with ``taskset -a -p`` (all threads; threads they start later inherit it):
+the cowfs daemon is the process whose command line is the ``cowfs mount POOL
+MOUNTPOINT`` that forked it (see :func:`cowfs_daemon_pid`); qemu-storage-daemon
+and the ceiling are children of this process.  A plain file has no daemon
+(``n/a``).
+
+Results go to ``--dir``, named after the run: ``.md`` (the tables printed on
+stdout), ``.json`` (every sample with fio's whole report) and ``.png`` (a
+chart of the cowfs/ceiling and cowfs/qcow2 ratios; only if matplotlib can be
+imported).  Every mount, loop device and daemon started is stopped at the
+end, even after an error or Ctrl-C.
 
 O_DIRECT is used wherever the target accepts it.  If the kernel refuses it on
-the cowfs file (EINVAL), that target falls back to buffered I/O and the table
-says so, since its reads may then be served from the page cache.
+a file (EINVAL, found during the fill), that target falls back to buffered
+I/O and the summary says so, since its reads may then be served from the page
+cache.
+
+Duration: 4 targets x 3 accesses x 6 profiles x ``--reps`` runs, plus the
+pinned pass (2 profiles x 4 targets), each ``--runtime`` seconds plus about
+0.6 s for fio's start, the final fsync and the cache drop, plus about 15 s
+for set-up and the four fills at 1 GiB.  With the defaults (1 GiB, 6 s,
+2 repetitions: 152 runs) that is about 17 minutes on a 2-CPU VM (a full
+run there at 5 s per run took 864 s).
 """
 
 from __future__ import annotations
@@ -37,21 +97,26 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from cowfs.blockio import OsStorage
 from cowfs.errors import PoolError
+from cowfs_tools.peers import Ceiling, FuseDaemon, PeerError, Qcow2Export
 
 log = logging.getLogger("cowfs.bench")
 
 MiB = 1 << 20
-KINDS = ("cowfs", "plain")
-ACCESSES = ("file", "loop")
+KINDS = ("cowfs", "qcow2", "ceiling", "plain")
+ACCESSES = ("file", "loop", "loop-dio")
+# cowfs's throughput is divided by each of these peers' in the table.
+RATIOS = ("ceiling", "qcow2", "plain")
 # How long to wait for the background daemon to flush and let go of the pool
 # after the unmount, before the temporary pool is deleted under it anyway.
 DAEMON_EXIT_TIMEOUT = 60.0
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class BenchError(Exception):
@@ -65,35 +130,47 @@ class DirectIORefused(BenchError):
 @dataclass(frozen=True)
 class Profile:
     """One fio workload.  ``metric`` is what the table reports: ``"bw"``
-    (MiB/s) for sequential runs, ``"iops"`` for random ones."""
+    (MiB/s) for sequential runs, ``"iops"`` for random ones.  Queue depth 1
+    runs with ``psync``, deeper queues with ``libaio``."""
 
     name: str
     rw: str
     bs: str
     metric: str
+    iodepth: int = 1
 
     @property
     def writes(self) -> bool:
         """Whether the workload writes (and so ends with an fsync)."""
         return "write" in self.rw
 
+    @property
+    def ioengine(self) -> str:
+        """The fio engine that can keep ``iodepth`` requests in flight."""
+        return "psync" if self.iodepth == 1 else "libaio"
+
 
 PROFILES = (
-    Profile("seq-write 1M", "write", "1M", "bw"),
-    Profile("seq-read 1M", "read", "1M", "bw"),
-    Profile("rand-write 4K", "randwrite", "4k", "iops"),
-    Profile("rand-read 4K", "randread", "4k", "iops"),
+    Profile("seq-write-1M", "write", "1M", "bw"),
+    Profile("seq-read-1M", "read", "1M", "bw"),
+    Profile("rand-write-4K", "randwrite", "4k", "iops"),
+    Profile("rand-read-4K", "randread", "4k", "iops"),
+    Profile("rand-write-4K-QD16", "randwrite", "4k", "iops", 16),
+    Profile("rand-read-4K-QD16", "randread", "4k", "iops", 16),
 )
+FILL = Profile("first-fill-1M", "write", "1M", "bw")
+# The pinned pass: per-request cost, so small random I/O at queue depth 1.
+PINNED_PROFILES = ("rand-write-4K", "rand-read-4K")
 
 
 @dataclass
 class Target:
     """A file or device fio is pointed at.
 
-    ``kind`` is ``"cowfs"`` or ``"plain"``, ``access`` is ``"file"`` or
-    ``"loop"``.  ``direct`` says whether fio uses O_DIRECT on it; ``note``
-    records anything that qualifies the figures (a refused O_DIRECT, a loop
-    device that could not use direct I/O on its backing file).
+    ``kind`` is one of :data:`KINDS`, ``access`` one of :data:`ACCESSES`.
+    ``direct`` says whether fio uses O_DIRECT on it; ``note`` records anything
+    that qualifies the figures (a refused O_DIRECT, a loop device that could
+    not use direct I/O on its backing file).
     """
 
     kind: str
@@ -106,7 +183,9 @@ class Target:
 
 @dataclass
 class Sample:
-    """The outcome of one fio run."""
+    """The outcome of one fio run.  ``ios`` is the number of I/Os fio did in
+    the measured direction; ``daemon_us_per_io`` the target daemon's CPU
+    microseconds per I/O (pinned pass only, None without a daemon)."""
 
     kind: str
     access: str
@@ -115,7 +194,13 @@ class Sample:
     direct: bool
     bw_bytes: float
     iops: float
+    ios: int
     fio: dict[str, Any]  # fio's whole JSON report
+    daemon_us_per_io: float | None = None
+
+    def value(self, metric: str) -> float:
+        """The figure the table reports for ``metric`` ("bw" or "iops")."""
+        return self.bw_bytes if metric == "bw" else self.iops
 
 
 @dataclass
@@ -127,7 +212,11 @@ class Bench:
     targets: dict[tuple[str, str], Target] = field(default_factory=dict)
     samples: list[Sample] = field(default_factory=list)
     fills: list[Sample] = field(default_factory=list)
+    pinned: list[Sample] = field(default_factory=list)
+    pin_cpu: int | None = None
     loops: list[str] = field(default_factory=list)
+    peers: dict[str, FuseDaemon] = field(default_factory=dict)
+    stack: ExitStack = field(default_factory=ExitStack)  # the peers' daemons
     mounted: Path | None = None
     pool: Path | None = None
     cache_drops: bool = True
@@ -151,6 +240,19 @@ def parse_size(text: str) -> int:
     if value < 16 * MiB or value % MiB:
         raise argparse.ArgumentTypeError(f"size {text!r} must be a whole number of MiB, at least 16 MiB")
     return value
+
+
+def subset(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: a comma-separated subset of ``choices``, returned
+    in the order of ``choices`` (which is the order runs interleave in)."""
+    def parse(text: str) -> tuple[str, ...]:
+        wanted = {w.strip() for w in text.split(",") if w.strip()}
+        unknown = wanted.difference(choices)
+        if unknown or not wanted:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: give a comma-separated list of {', '.join(choices)}")
+        return tuple(c for c in choices if c in wanted)
+    return parse
 
 
 def run(cmd: Sequence[str], what: str, timeout: float | None = 120) -> str:
@@ -180,13 +282,15 @@ def human(value: float, metric: str) -> str:
 # fio
 
 
-def fio(bench: Bench, target: Target, profile: Profile, *, timed: bool) -> dict[str, Any]:
+def fio(bench: Bench, target: Target, profile: Profile, *, timed: bool,
+        cpu: int | None = None) -> dict[str, Any]:
     """Run one fio job on ``target`` and return its parsed JSON report.
 
     With ``timed`` the job loops over the target for ``--runtime`` seconds;
     without, it makes one pass over the whole target (the initial fill).
-    Raises BenchError when fio fails, DirectIORefused when the job failed
-    with EINVAL so that the caller can retry without O_DIRECT.
+    With ``cpu``, fio runs pinned to that CPU.  Raises BenchError when fio
+    fails, DirectIORefused when the job failed with EINVAL so that the caller
+    can retry without O_DIRECT.
     """
     bench.seq += 1
     report = bench.tmp / f"fio-{bench.seq:03d}.json"
@@ -197,8 +301,8 @@ def fio(bench: Bench, target: Target, profile: Profile, *, timed: bool) -> dict[
         f"--size={target.size}",
         f"--rw={profile.rw}",
         f"--bs={profile.bs}",
-        "--ioengine=psync",
-        "--iodepth=1",
+        f"--ioengine={profile.ioengine}",
+        f"--iodepth={profile.iodepth}",
         f"--direct={int(target.direct)}",
         "--output-format=json",
         f"--output={report}",
@@ -210,6 +314,8 @@ def fio(bench: Bench, target: Target, profile: Profile, *, timed: bool) -> dict[
                     f"--buffer_compress_percentage={bench.args.compress_percentage}"]
     if timed:
         cmd += ["--time_based=1", f"--runtime={bench.args.runtime}"]
+    if cpu is not None:
+        cmd = ["taskset", "-c", str(cpu), *cmd]
     # A timed run ends with an fsync whose length depends on the target, and
     # an untimed fill of a slow target can take a while: be generous, but do
     # not hang forever on a wedged mount.
@@ -234,10 +340,10 @@ def fio(bench: Bench, target: Target, profile: Profile, *, timed: bool) -> dict[
 
 
 def sample(target: Target, profile: Profile, rep: int, data: dict[str, Any]) -> Sample:
-    """Extract bandwidth and IOPS of the relevant direction from a report."""
+    """Extract bandwidth, IOPS and I/O count of the relevant direction."""
     side = data["jobs"][0]["write" if profile.writes else "read"]
     return Sample(target.kind, target.access, profile.name, rep, target.direct,
-                  float(side["bw_bytes"]), float(side["iops"]), data)
+                  float(side["bw_bytes"]), float(side["iops"]), int(side["total_ios"]), data)
 
 
 def drop_caches(bench: Bench) -> None:
@@ -254,39 +360,104 @@ def drop_caches(bench: Bench) -> None:
 
 
 def fill(bench: Bench, target: Target) -> None:
-    """Write the whole target once, so that reads meet data, not holes.
+    """Write the whole target once, so that reads meet data, not holes; the
+    throughput of this first write over unallocated space is recorded.
 
-    This is also where O_DIRECT is probed: if the cowfs file refuses it with
+    This is also where O_DIRECT is probed: if the file refuses it with
     EINVAL, the target is switched to buffered I/O for the rest of the run.
     """
-    profile = Profile("fill 1M", "write", "1M", "bw")
     try:
-        data = fio(bench, target, profile, timed=False)
+        data = fio(bench, target, FILL, timed=False)
     except DirectIORefused as e:
-        if target.kind != "cowfs" or not target.direct:
+        if not target.direct:
             raise
-        log.warning("O_DIRECT refused on the cowfs file (%s); using buffered I/O there", e)
+        log.warning("O_DIRECT refused on the %s file (%s); using buffered I/O there", target.kind, e)
         target.direct = False
         target.note = "O_DIRECT refused (EINVAL): buffered I/O, reads may hit the page cache"
-        data = fio(bench, target, profile, timed=False)
-    s = sample(target, profile, 0, data)
+        data = fio(bench, target, FILL, timed=False)
+    s = sample(target, FILL, 0, data)
     bench.fills.append(s)
-    log.info("filled %s %s: %s", target.kind, target.access, human(s.bw_bytes, "bw"))
+    log.info("filled %s: %s", target.kind, human(s.bw_bytes, "bw"))
 
 
 def measure(bench: Bench) -> None:
-    """Run every profile on every target, ``--reps`` times, interleaved."""
+    """Run every profile on every target and access, ``--reps`` times,
+    interleaved."""
     for rep in range(1, bench.args.reps + 1):
-        for profile in PROFILES:
-            for access in ACCESSES:
+        for profile in bench.args.profiles:
+            for access in bench.args.accesses:
                 for kind in bench.args.kinds:
                     target = bench.targets[(kind, access)]
                     drop_caches(bench)
-                    data = fio(bench, target, profile, timed=True)
-                    s = sample(target, profile, rep, data)
+                    s = sample(target, profile, rep, fio(bench, target, profile, timed=True))
                     bench.samples.append(s)
-                    log.info("rep %d %-13s %-5s %-5s %s", rep, profile.name, access, kind,
-                             human(s.bw_bytes if profile.metric == "bw" else s.iops, profile.metric))
+                    log.info("rep %d %-18s %-8s %-7s %s", rep, profile.name, access, kind,
+                             human(s.value(profile.metric), profile.metric))
+
+
+# ----------------------------------------------------------------------------
+# The pinned pass
+
+
+def cowfs_daemon_pid(pool: Path, mountpoint: Path) -> int:
+    """The pid of the cowfs daemon serving ``pool`` on ``mountpoint``.
+
+    ``cowfs mount`` forks its daemon without exec, so the daemon's
+    ``/proc/PID/cmdline`` is the command's own, and the command has exited
+    once the mount is live: the one process left whose arguments include
+    ``mount``, the pool and the mount point (as given to ``cowfs mount``).
+    """
+    wanted = [b"mount", os.fsencode(pool), os.fsencode(mountpoint)]
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile
+        if all(arg in argv for arg in wanted):
+            found.append(int(proc.name))
+    if len(found) != 1:
+        raise BenchError(f"expected one cowfs daemon for {pool} on {mountpoint}, found pids {found}")
+    return found[0]
+
+
+def daemon_pid(bench: Bench, kind: str) -> int | None:
+    """The pid of the daemon serving target ``kind`` (None for plain)."""
+    if kind == "cowfs":
+        assert bench.pool is not None and bench.mounted is not None
+        return cowfs_daemon_pid(bench.pool, bench.mounted)
+    return bench.peers[kind].pid if kind in bench.peers else None
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of process ``pid`` (all its threads), in clock ticks."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
+
+
+def pinned_pass(bench: Bench) -> None:
+    """With fio and each daemon on one CPU, run the random QD1 profiles once
+    on each file and record IOPS and the daemon's CPU time per I/O."""
+    cpu = max(os.sched_getaffinity(0))
+    bench.pin_cpu = cpu
+    pids = {kind: daemon_pid(bench, kind) for kind in bench.args.kinds}
+    for kind, pid in pids.items():
+        if pid is not None:
+            run(["taskset", "-a", "-p", "-c", str(cpu), str(pid)], f"pinning the {kind} daemon (pid {pid})")
+            log.info("pinned the %s daemon (pid %d) to CPU %d", kind, pid, cpu)
+    for profile in (p for p in PROFILES if p.name in PINNED_PROFILES):
+        for kind, pid in pids.items():
+            target = bench.targets[(kind, "file")]
+            drop_caches(bench)
+            before = cpu_ticks(pid) if pid is not None else 0
+            s = sample(target, profile, 1, fio(bench, target, profile, timed=True, cpu=cpu))
+            if pid is not None and s.ios:
+                s.daemon_us_per_io = (cpu_ticks(pid) - before) * 1e6 / CLOCK_TICKS / s.ios
+            bench.pinned.append(s)
+            log.info("pinned %-13s %-7s %s, %s us/request", profile.name, kind,
+                     human(s.iops, "iops"), format_us(s.daemon_us_per_io))
 
 
 # ----------------------------------------------------------------------------
@@ -304,17 +475,23 @@ def cowfs_command() -> str:
 def check_prerequisites(args: argparse.Namespace) -> None:
     """Refuse early, with the reason, what would fail half-way."""
     if os.geteuid() != 0:
-        raise BenchError("the benchmark needs root (it attaches loop devices and mounts cowfs)")
-    for tool in ("fio", "losetup", "umount"):
+        raise BenchError("the benchmark needs root (it attaches loop devices and mounts FUSE file systems)")
+    tools = ["fio", "losetup", "umount"]
+    if "qcow2" in args.kinds:
+        tools += ["qemu-img", "qemu-storage-daemon"]
+    if args.pinned:
+        tools.append("taskset")
+    for tool in tools:
         if shutil.which(tool) is None:
             raise BenchError(f"command {tool} not found: run `make deps`")
     if "cowfs" in args.kinds:
         cowfs_command()
     args.dir.mkdir(parents=True, exist_ok=True)
     st = os.statvfs(args.dir)
-    # Each target needs its full size; cowfs also needs room for metadata and
-    # for new copies written before old ones are freed.
-    need = int(args.size * len(args.kinds) * 1.25)
+    # Each target on disk needs its full size; cowfs also needs room for
+    # metadata and for new copies written before old ones are freed.
+    on_disk = [k for k in args.kinds if k != "ceiling"]
+    need = int(args.size * len(on_disk) * 1.25)
     have = st.f_bavail * st.f_frsize
     if have < need:
         raise BenchError(f"work directory {args.dir} has {have // MiB} MiB free; "
@@ -345,22 +522,45 @@ def setup_cowfs(bench: Bench) -> Path:
     return vol
 
 
-def attach_loop(bench: Bench, target: Target) -> Target:
-    """Attach a direct-I/O loop device to a file target; return the loop target."""
-    dev = run(["losetup", "--direct-io=on", "-f", "--show", target.filename],
+def setup_target(bench: Bench, kind: str) -> Path:
+    """Create target ``kind`` of ``--size`` bytes, with its daemon if it has
+    one (stopped by teardown); return the file fio is to use."""
+    size = bench.args.size
+    if kind == "cowfs":
+        return setup_cowfs(bench)
+    if kind == "plain":
+        path = bench.tmp / "plain.img"
+        make_file(path, size)
+        return path
+    peer: FuseDaemon
+    if kind == "qcow2":
+        image = bench.tmp / "qcow2.img"
+        run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(size)], f"qemu-img create {image}")
+        peer = Qcow2Export(image, bench.tmp / "qcow2.raw")
+    else:
+        peer = Ceiling(bench.tmp / "ceiling.raw", size)
+    bench.peers[kind] = bench.stack.enter_context(peer)
+    return peer.path
+
+
+def attach_loop(bench: Bench, target: Target, access: str) -> Target:
+    """Attach a loop device to a file target, with direct I/O on its backing
+    file for ``loop-dio``; return the loop target."""
+    dio = access == "loop-dio"
+    dev = run(["losetup", *(["--direct-io=on"] if dio else []), "-f", "--show", target.filename],
               f"losetup on {target.filename}").strip()
     bench.loops.append(dev)
     note = ""
-    dio = Path("/sys/block", Path(dev).name, "loop", "dio")
-    try:
-        if dio.read_text().strip() != "1":
-            note = "loop device could not use direct I/O on its backing file"
-    except OSError:
-        note = "loop direct-I/O state unknown"
+    if dio:
+        try:
+            if Path("/sys/block", Path(dev).name, "loop", "dio").read_text().strip() != "1":
+                note = "loop device could not use direct I/O on its backing file"
+        except OSError:
+            note = "loop direct-I/O state unknown"
     if note:
         log.warning("%s (%s): %s", dev, target.kind, note)
-    log.info("attached %s to %s", dev, target.filename)
-    return Target(target.kind, "loop", dev, target.size, True, note)
+    log.info("attached %s (%s) to %s", dev, access, target.filename)
+    return Target(target.kind, access, dev, target.size, True, note)
 
 
 def wait_for_daemon(pool: Path) -> None:
@@ -382,13 +582,17 @@ def wait_for_daemon(pool: Path) -> None:
 
 
 def teardown(bench: Bench) -> None:
-    """Undo whatever set-up got done: loops, mount, temporary files.  Each
-    step is attempted even if an earlier one failed."""
+    """Undo whatever set-up got done: loops, peer daemons, cowfs mount,
+    temporary files.  Each step is attempted even if an earlier one failed."""
     for dev in reversed(bench.loops):
         try:
             run(["losetup", "-d", dev], f"detaching {dev}")
         except BenchError as e:
             log.error("%s", e)
+    try:
+        bench.stack.close()
+    except (PeerError, OSError) as e:
+        log.error("stopping a peer daemon: %s", e)
     if bench.mounted is not None:
         try:
             run(["umount", str(bench.mounted)], f"unmounting {bench.mounted}")
@@ -408,58 +612,182 @@ def teardown(bench: Bench) -> None:
 # Report
 
 
-def table(bench: Bench) -> str:
-    """The markdown table of medians, cowfs and plain side by side."""
-    kinds = bench.args.kinds
-    both = len(kinds) == 2
-    head = ["access", "profile", *kinds] + (["cowfs/plain"] if both else [])
+@dataclass
+class Row:
+    """One line of the main table: the median per target of one access and
+    profile."""
+
+    access: str
+    profile: str
+    metric: str
+    medians: dict[str, float]
+
+    def ratio(self, peer: str) -> float | None:
+        """cowfs's median divided by ``peer``'s, if both were measured."""
+        mine, theirs = self.medians.get("cowfs"), self.medians.get(peer)
+        return mine / theirs if mine is not None and theirs else None
+
+
+def rows(bench: Bench) -> list[Row]:
+    """The first fill, then every access and profile measured."""
+    out = [Row("file", FILL.name, FILL.metric, {s.kind: s.bw_bytes for s in bench.fills})]
+    for access in bench.args.accesses:
+        for profile in bench.args.profiles:
+            medians = {kind: statistics.median(
+                s.value(profile.metric) for s in bench.samples
+                if (s.kind, s.access, s.profile) == (kind, access, profile.name))
+                for kind in bench.args.kinds}
+            out.append(Row(access, profile.name, profile.metric, medians))
+    return out
+
+
+def ratio_peers(kinds: Sequence[str]) -> list[str]:
+    """The peers cowfs is compared with in this run."""
+    return [peer for peer in RATIOS if "cowfs" in kinds and peer in kinds]
+
+
+def markdown(head: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    """A markdown table."""
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for access in ACCESSES:
-        for profile in PROFILES:
-            medians: dict[str, float] = {}
-            for kind in kinds:
-                values = [s.bw_bytes if profile.metric == "bw" else s.iops
-                          for s in bench.samples
-                          if (s.kind, s.access, s.profile) == (kind, access, profile.name)]
-                medians[kind] = statistics.median(values)
-            row = [access, profile.name, *(human(medians[k], profile.metric) for k in kinds)]
-            if both:
-                row.append(f"{medians['cowfs'] / medians['plain']:.2f}" if medians["plain"] else "-")
-            lines.append("| " + " | ".join(row) + " |")
+    lines += ["| " + " | ".join(row) + " |" for row in body]
     return "\n".join(lines)
 
 
+def format_ratio(value: float | None) -> str:
+    """A ratio for the tables, ``-`` if there is none."""
+    return "-" if value is None else f"{value:.2f}"
+
+
+def format_us(value: float | None) -> str:
+    """CPU microseconds per request, ``n/a`` without a daemon."""
+    return "n/a" if value is None else f"{value:.0f}"
+
+
+def table(bench: Bench) -> str:
+    """The markdown table of medians, the targets side by side, then
+    cowfs's ratio to each peer."""
+    kinds, peers = bench.args.kinds, ratio_peers(bench.args.kinds)
+    head = ["access", "profile", *kinds, *(f"cowfs/{p}" for p in peers)]
+    body = [[r.access, r.profile, *(human(r.medians[k], r.metric) for k in kinds),
+             *(format_ratio(r.ratio(p)) for p in peers)] for r in rows(bench)]
+    return markdown(head, body)
+
+
+def pinned_table(bench: Bench) -> str:
+    """The pinned pass: IOPS and daemon CPU per request for each target, and
+    cowfs's CPU per request over the ceiling's."""
+    kinds = bench.args.kinds
+    both = "cowfs" in kinds and "ceiling" in kinds
+    head = ["profile (file, pinned)"]
+    for k in kinds:
+        head += [f"{k} IOPS", f"{k} us/req"]
+    head += ["cowfs/ceiling us/req"] if both else []
+    body = []
+    for name in PINNED_PROFILES:
+        by_kind = {s.kind: s for s in bench.pinned if s.profile == name}
+        row = [name]
+        for k in kinds:
+            row += [f"{by_kind[k].iops:.0f}", format_us(by_kind[k].daemon_us_per_io)]
+        if both:
+            mine, theirs = by_kind["cowfs"].daemon_us_per_io, by_kind["ceiling"].daemon_us_per_io
+            row.append(format_ratio(mine / theirs if mine is not None and theirs else None))
+        body.append(row)
+    return markdown(head, body)
+
+
 def summary(bench: Bench, fio_version: str) -> str:
-    """Table plus the conditions it was measured under."""
+    """Tables plus the conditions they were measured under."""
     a = bench.args
     out = [
-        f"cowfs benchmark: {fio_version}, ioengine=psync, iodepth=1, target size {a.size // MiB} MiB, "
+        f"cowfs benchmark: {fio_version}, psync at QD1, libaio at QD16, target size {a.size // MiB} MiB, "
         f"{a.runtime} s per run, median of {a.reps} runs; host kernel {platform.release()}",
-        f"page cache dropped before each run: {'yes' if bench.cache_drops else 'no'}",
+        f"page cache dropped before each run: {'yes' if bench.cache_drops else 'no'}; "
+        "ratios: cowfs's throughput over the peer's (below 1: cowfs is slower)",
     ]
     for t in bench.targets.values():
         out.append(f"- {t.kind} {t.access} ({t.filename}): {'O_DIRECT' if t.direct else 'buffered'}"
                    + (f"; {t.note}" if t.note else ""))
     out += ["", table(bench)]
+    if bench.pinned:
+        out += ["", f"Pinned pass: fio and each daemon on CPU {bench.pin_cpu}, one {a.runtime} s run each; "
+                "us/req = the daemon's CPU time (user + system) per I/O", "", pinned_table(bench)]
     return "\n".join(out)
+
+
+def chart(bench: Bench, path: Path) -> bool:
+    """Draw cowfs/ceiling and cowfs/qcow2 per access and profile as a PNG
+    at ``path``; False (logged) if matplotlib is missing or there is no
+    such ratio in this run."""
+    peers = [p for p in ratio_peers(bench.args.kinds) if p in ("ceiling", "qcow2")]
+    if not peers:
+        return False
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import FormatStrFormatter
+    except ImportError:
+        log.info("matplotlib is not installed: no chart (it comes with the project's bench extra)")
+        return False
+    data = rows(bench)
+    width = 0.8 / len(peers)
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.7 * len(data)), 6.0))
+    lowest = 1.0
+    for i, peer in enumerate(peers):
+        xs = [j + (i - (len(peers) - 1) / 2) * width for j in range(len(data))]
+        ratios = [r.ratio(peer) for r in data]
+        lowest = min([lowest, *(v for v in ratios if v is not None)])
+        bars = ax.bar(xs, [float("nan") if v is None else v for v in ratios], width, label=f"cowfs/{peer}")
+        ax.bar_label(bars, fmt="%.2f", fontsize=6)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=lowest / 2)  # the lowest bar stays visible
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.tick_params(axis="y", which="minor", labelsize=6)
+    ax.set_xticks(range(len(data)), [f"{r.access} {r.profile}" for r in data],
+                  rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("throughput ratio (log scale; below 1: cowfs slower)")
+    ax.set_title(f"cowfs vs peers, {bench.args.size // MiB} MiB, median of {bench.args.reps}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def save(bench: Bench, started: str, fio_version: str) -> Path:
     """Write the run's raw data (every sample with its fio report) as JSON."""
     path = bench.args.dir / f"{bench.tmp.name}.json"
     args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(bench.args).items()}
+    args["profiles"] = [p.name for p in bench.args.profiles]
     doc = {
         "started": started,
         "fio_version": fio_version,
         "kernel": platform.release(),
         "args": args,
         "page_cache_dropped": bench.cache_drops,
+        "clock_ticks_per_second": CLOCK_TICKS,
+        "pinned_cpu": bench.pin_cpu,
         "targets": [asdict(t) for t in bench.targets.values()],
         "fills": [asdict(s) for s in bench.fills],
         "samples": [asdict(s) for s in bench.samples],
+        "pinned": [asdict(s) for s in bench.pinned],
     }
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
+
+
+def report(bench: Bench, fio_version: str) -> None:
+    """Print the summary and save it as markdown, with the chart beside it."""
+    text = summary(bench, fio_version)
+    print(text)
+    md = bench.args.dir / f"{bench.tmp.name}.md"
+    md.write_text(text + "\n")
+    log.info("tables saved to %s", md)
+    png = md.with_suffix(".png")
+    if chart(bench, png):
+        log.info("chart saved to %s", png)
 
 
 # ----------------------------------------------------------------------------
@@ -467,14 +795,23 @@ def save(bench: Bench, started: str, fio_version: str) -> Path:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options; see ``--help``."""
-    p = argparse.ArgumentParser(description="fio benchmark: cowfs volume vs. plain file on the same disk")
+    names = [p.name for p in PROFILES]
+    p = argparse.ArgumentParser(description="fio benchmark: a cowfs volume against qcow2 on "
+                                "qemu-storage-daemon, a do-nothing pyfuse3 file and a plain file")
     p.add_argument("--dir", type=Path, default=Path("/var/tmp/cowfs-bench"),
-                   help="work directory for the temporary pool and the JSON results (default %(default)s)")
+                   help="work directory for the temporary targets and the results (default %(default)s)")
     p.add_argument("--size", type=parse_size, default=parse_size("1G"),
-                   help="size of the volume and of the plain file (default 1G)")
-    p.add_argument("--runtime", type=int, default=10, help="seconds per fio run (default %(default)s)")
+                   help="size of each target (default 1G)")
+    p.add_argument("--runtime", type=int, default=6, help="seconds per fio run (default %(default)s)")
     p.add_argument("--reps", type=int, default=2, help="repetitions of each run (default %(default)s)")
-    p.add_argument("--only", choices=KINDS, help="benchmark only this target")
+    p.add_argument("--targets", dest="kinds", metavar="LIST", type=subset(KINDS), default=KINDS,
+                   help=f"comma-separated targets (default: {','.join(KINDS)})")
+    p.add_argument("--accesses", metavar="LIST", type=subset(ACCESSES), default=ACCESSES,
+                   help=f"comma-separated access modes (default: {','.join(ACCESSES)})")
+    p.add_argument("--profiles", metavar="LIST", type=subset(names), default=tuple(names),
+                   help=f"comma-separated fio profiles (default: {','.join(names)})")
+    p.add_argument("--no-pinned", dest="pinned", action="store_false",
+                   help="skip the pass with fio and the daemons pinned to one CPU")
     p.add_argument("--compress-percentage", type=int, metavar="PCT",
                    help="make written data about PCT%% compressible (fio buffer_compress_percentage); "
                         "default: incompressible")
@@ -484,13 +821,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--runtime and --reps must be at least 1")
     if args.compress_percentage is not None and not 0 <= args.compress_percentage <= 100:
         p.error("--compress-percentage must be between 0 and 100")
-    args.kinds = (args.only,) if args.only else KINDS
+    args.profiles = tuple(prof for prof in PROFILES if prof.name in args.profiles)
     args.dir = args.dir.resolve()
     return args
 
 
+def prepare(bench: Bench) -> None:
+    """Create, fill and attach every target for every access mode."""
+    for kind in bench.args.kinds:
+        target = Target(kind, "file", str(setup_target(bench, kind)), bench.args.size)
+        bench.targets[(kind, "file")] = target
+        fill(bench, target)
+    for access in bench.args.accesses:
+        if access != "file":
+            for kind in bench.args.kinds:
+                bench.targets[(kind, access)] = attach_loop(bench, bench.targets[(kind, "file")], access)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark; print the table on stdout.  Returns the exit status."""
+    """Run the benchmark; print the tables on stdout.  Returns the exit status."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
@@ -503,27 +852,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     bench = Bench(args, Path(tempfile.mkdtemp(prefix=time.strftime("run-%Y%m%d-%H%M%S-"), dir=args.dir)))
     try:
-        files: dict[str, Path] = {}
-        if "plain" in args.kinds:
-            files["plain"] = bench.tmp / "plain.img"
-            make_file(files["plain"], args.size)
-        if "cowfs" in args.kinds:
-            files["cowfs"] = setup_cowfs(bench)
-        for kind in args.kinds:
-            target = Target(kind, "file", str(files[kind]), args.size)
-            bench.targets[(kind, "file")] = target
-            fill(bench, target)
-        for kind in args.kinds:
-            bench.targets[(kind, "loop")] = attach_loop(bench, bench.targets[(kind, "file")])
+        prepare(bench)
         measure(bench)
-    except (BenchError, OSError) as e:
+        if args.pinned:
+            pinned_pass(bench)
+    except (BenchError, PeerError, OSError) as e:
         log.error("%s", e)
         return 1
+    except KeyboardInterrupt:
+        log.error("interrupted: tearing down")
+        return 130
     finally:
         teardown(bench)
         if bench.samples or bench.fills:
             log.info("raw results saved to %s", save(bench, started, fio_version))
-    print(summary(bench, fio_version))
+    report(bench, fio_version)
     return 0
 
 
