@@ -7,7 +7,7 @@
   end, wrong mapped-block counts.  ``Pool.check()`` is this recount.
 * :func:`fsck` opens a pool that is not mounted, replays its journal in memory
   without writing, verifies every tree node and every stored block against its
-  checksum, runs the recount, and with ``repair`` rewrites the counts (leaks
+  checksum, runs the recount and :func:`check_lineage`, and with ``repair`` rewrites the counts (leaks
   and miscounts are the problems it can fix safely; lost data it can only
   name).
 * :class:`Scrubber` verifies every live block of every volume and snapshot of
@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from .blockio import Storage
 from .btree import KEY_END
+from .dataset import validate_name
 from .errors import PoolError
 from .format import BLOCK, SECTOR, checksum, units_of
 from .spacemap import MAX_DIRECT, OVERFLOW, PAGE_SHIFT, RESERVED, SYSTEM
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 class Finding:
     """One problem found by fsck, the recount or a scrub."""
 
-    kind: str             # bad-block, bad-node, refcount, leak, pointer, size, count
+    kind: str             # bad-block, bad-node, refcount, leak, pointer, size, count, lineage
     object: str           # 'vm1.img', 'vm1.img@snap', 'data unit 12', ...
     offset: int | None    # byte offset in the volume or snapshot, for bad blocks
     message: str
@@ -141,6 +142,46 @@ def recount(pool: "Pool") -> list[Finding]:
             elif want and table.rc[u] in (RESERVED, SYSTEM):
                 found.append(Finding("refcount", f"{what} unit {u}", None,
                                      f"{what} unit {u} is referenced but marked {table.rc[u]}"))
+    return found
+
+
+def check_lineage(pool: "Pool") -> list[Finding]:
+    """Check what ties volumes, snapshots and clones together: valid and
+    unique names, ids below the next id to be given, every snapshot naming
+    the volume it was taken of, every clone's record of its source well
+    formed.  (A snapshot may outlive its volume and a clone its source: those
+    are not problems.)"""
+    found: list[Finding] = []
+
+    def bad(label: str, why: str) -> None:
+        found.append(Finding("lineage", label, None, f"{label}: {why}"))
+
+    if len(pool.datasets) != len(pool.by_name) + len(pool.snaps):
+        bad(f"pool {pool.label}", "two volumes or two snapshots of one volume share a name")
+    for v in pool.datasets.values():
+        if v.id >= pool.next_id:
+            bad(v.label, f"id {v.id} is not below the next id to give, {pool.next_id}")
+        try:
+            if v.is_snapshot:
+                validate_name(v.owner or "")
+                validate_name(v.name, "snapshot")
+            else:
+                validate_name(v.name)
+        except PoolError as e:
+            bad(v.label, f"bad name: {e}")
+        if v.origin is None:
+            continue
+        source, created = v.origin.get("source"), v.origin.get("created")
+        try:
+            if not isinstance(source, str) or not isinstance(created, int):
+                raise PoolError(0, f"source {source!r}, created {created!r}")
+            vol, _, snap = source.partition("@")
+            validate_name(vol)
+            if snap:
+                validate_name(snap, "snapshot")
+        except PoolError as e:
+            bad(v.label, f"its record of the volume or snapshot it was cloned from is "
+                f"damaged: {e}")
     return found
 
 
@@ -296,6 +337,7 @@ def fsck(storage: Storage, repair: bool = False) -> FsckReport:
         report.nodes_checked = len(scrub._leaf_bad)
         problems = recount(pool)
         report.findings.extend(problems)
+        report.findings.extend(check_lineage(pool))
         if repair and problems:
             fixable = [f for f in problems if f.kind in ("leak", "refcount", "count")]
             if fixable and not any(f.kind in ("bad-node", "pointer") for f in problems):

@@ -198,3 +198,26 @@ def test_damaged_superblock(make_cowfs: Callable[..., CowfsMount]) -> None:
     assert len(doc["findings"]) == 1 and "superblock" in doc["findings"][0]["message"], doc
     doc = fsck_json(m, "--repair", code=4)
     assert not doc["findings"][0]["fixed"]
+
+
+def test_damaged_lineage_named_and_not_repaired(make_cowfs: Callable[..., CowfsMount]) -> None:
+    """Proves: a clone whose record of its source is damaged and a snapshot
+    with an invalid name (written into a checkpoint through the engine) make
+    fsck exit 4 with one ``lineage`` finding for each, naming the clone and
+    the snapshot; ``--repair`` leaves them (exit 4: nothing it may fix)."""
+    m, _ = used_pool(make_cowfs)
+    pool = Pool.open(OsStorage(str(m.pool)))
+    try:
+        pool.by_name["vm3.img"].origin = {"source": 42, "created": "yesterday"}
+        snap = pool.snaps.pop(("vm1.img", "before"))
+        snap.name = "bad@name"
+        pool.snaps[("vm1.img", snap.name)] = snap
+        pool.checkpoint()
+    finally:
+        pool.close()
+    doc = fsck_json(m, code=4)
+    lineage = sorted(f["object"] for f in doc["findings"] if f["kind"] == "lineage")
+    assert lineage == ["vm1.img@bad@name", "vm3.img"], doc
+    assert all(f["kind"] == "lineage" for f in doc["findings"]), doc
+    doc = fsck_json(m, "--repair", code=4)
+    assert not any(f["fixed"] for f in doc["findings"]), doc
