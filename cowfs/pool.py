@@ -365,8 +365,8 @@ class Pool(SnapshotOps):
 
     def _vol(self, vol_id: int) -> Dataset:
         """A volume about to be changed (EROFS for a snapshot or a read-only pool)."""
-        self._writable()
         v = self._dataset(vol_id)
+        self._refuse_read_only()
         if v.is_snapshot:
             raise PoolError(errno.EROFS, f"snapshot {v.label} is read-only")
         return v
@@ -405,6 +405,9 @@ class Pool(SnapshotOps):
     def _writable(self) -> None:
         """:meth:`ready`, and EROFS if the pool only serves reads."""
         self.ready()
+        self._refuse_read_only()
+
+    def _refuse_read_only(self) -> None:
         if self.degraded is not None:
             raise PoolError(errno.EROFS, f"pool {self.label} is read-only: {self.degraded}; "
                             "unmount and mount it again to write")

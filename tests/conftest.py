@@ -191,3 +191,12 @@ def make_small_fs(tmp_path: Path, loop_devices: None,
         return where
 
     return factory
+
+
+@pytest.fixture(scope="module")
+def fio() -> str:
+    """Path of fio (installed by the project's dependencies)."""
+    path = shutil.which("fio")
+    if path is None:
+        pytest.skip("fio is not installed")
+    return path

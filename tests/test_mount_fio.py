@@ -4,7 +4,6 @@ file and through a loop device, with a re-verification after a remount."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 
 import pytest
@@ -14,15 +13,6 @@ from helpers_mount import CowfsMount, loop_attach, loop_detach, run
 pytestmark = [pytest.mark.mount, pytest.mark.mount_timeout(300)]
 
 VERIFY_ERROR = re.compile(r"verify.*(fail|bad|mismatch)|bad magic|crc32c.*wanted", re.I)
-
-
-@pytest.fixture(scope="module")
-def fio() -> str:
-    """Path of fio (installed by the project's dependencies)."""
-    path = shutil.which("fio")
-    if path is None:
-        pytest.skip("fio is not installed")
-    return path
 
 
 def run_fio(fio: str, target: str, *args: str) -> str:

@@ -22,7 +22,6 @@ import mmap
 import os
 import random
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -235,15 +234,6 @@ def test_bit_flip_eio_scrub_and_status(make_cowfs: Callable[..., CowfsMount]) ->
     doc = cli_json(m, "status", str(mnt))
     assert doc["errors"]["checksum"] == counted and doc["errors"]["io"] == 0
     assert bad_places(doc["scrub"]) == bad_places(scrub)
-
-
-@pytest.fixture(scope="module")
-def fio() -> str:
-    """Path of fio (installed by the project's dependencies)."""
-    path = shutil.which("fio")
-    if path is None:
-        pytest.skip("fio is not installed")
-    return path
 
 
 @pytest.mark.mount_timeout(240)

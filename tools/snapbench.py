@@ -74,8 +74,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cowfs_daemon.server import unescape_mountinfo
-from cowfs_tools.bench import (DAEMON_EXIT_TIMEOUT, BenchError, cowfs_command, make_file,
-                               parse_size, run, wait_for_daemon)
+from cowfs_tools.bench import (DAEMON_EXIT_TIMEOUT, BenchError, cowfs_command, cowfs_daemon_pid,
+                               make_file, parse_size, run, wait_for_daemon)
 from cowfs_tools.peers import PeerError, Qcow2Export
 from cowfs_tools.signals import Interrupted, signals_raise
 
@@ -306,13 +306,8 @@ class CowfsPool:
         self.mounted = False
 
     def daemon_pid(self) -> int:
-        """The daemon holding the pool (from its lock file), checked to be a
-        cowfs process serving this pool."""
-        pid = int((self.pool / "lock").read_text().split()[0])
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        if "cowfs" not in cmdline or str(self.pool) not in cmdline:
-            raise BenchError(f"pid {pid} in {self.pool}/lock is not this pool's daemon: {cmdline}")
-        return pid
+        """The daemon serving this pool (see :func:`cowfs_daemon_pid`)."""
+        return cowfs_daemon_pid(self.pool, self.mnt)
 
     def snapshot(self, vol: str, name: str) -> float:
         """Take snapshot ``vol@name``; seconds it took."""
