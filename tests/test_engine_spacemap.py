@@ -1,0 +1,89 @@
+"""RefTable's cheap free-space check against a plain count.
+
+``free_at_least`` keeps a lower bound on the free units instead of counting
+the table on every write; the pool relies on it to keep its metadata
+reserve.  A random sequence of every operation that changes the table checks
+that the answer always equals the one a full count gives.
+"""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cowfs.spacemap import MAX_DIRECT, PAGE_UNITS, PENDING, RESERVED, SYSTEM, RefTable
+
+UNITS = 64
+
+_op = st.one_of(
+    st.tuples(st.just("incref"), st.integers(0, UNITS - 1)),
+    st.tuples(st.just("decref"), st.integers(0, UNITS - 1)),
+    st.tuples(st.just("marker"), st.integers(0, UNITS - 1), st.sampled_from([RESERVED, SYSTEM])),
+    st.tuples(st.just("free_marked"), st.integers(0, UNITS - 1)),
+    st.tuples(st.just("reserve_run"), st.integers(1, 8)),
+    st.tuples(st.just("take_run"), st.integers(0, UNITS - 8), st.integers(1, 8)),
+    st.tuples(st.just("release"),),
+    st.tuples(st.just("grow"), st.integers(1, 16)),
+    st.tuples(st.just("load_page"), st.binary(min_size=1, max_size=4)),
+    st.tuples(st.just("check"), st.integers(0, UNITS + 16)),
+)
+
+
+def _apply(t: RefTable, op: tuple) -> None:
+    kind = op[0]
+    if kind == "incref":
+        if t.rc[op[1]] not in (PENDING, SYSTEM) and t.count(op[1]) < MAX_DIRECT + 3:
+            t.incref(op[1])
+    elif kind == "decref":
+        if t.count(op[1]) > 0:
+            t.decref(op[1])
+    elif kind == "marker":
+        if t.rc[op[1]] in (0, RESERVED, SYSTEM):
+            t.set_marker(op[1], op[2])
+    elif kind == "free_marked":
+        if t.rc[op[1]] in (RESERVED, SYSTEM):
+            t.free_marked(op[1])
+    elif kind == "reserve_run":
+        start = t.find_free(op[1])
+        if start >= 0:
+            t.reserve_run(start, op[1])
+    elif kind == "take_run":
+        t.take_run(op[1], op[2])
+    elif kind == "release":
+        t.release_pending()
+    elif kind == "grow":
+        t.grow(len(t) + op[1])
+    elif kind == "load_page":
+        # A persisted image: counts only, no markers.
+        image = bytes(b % 4 for b in op[1]) + bytes(PAGE_UNITS)
+        t.load_page(0, image[:PAGE_UNITS])
+        t.pending.clear()
+        t.overflow.clear()
+    else:
+        assert t.free_at_least(op[1]) == (t.rc.count(0) >= op[1])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_op, max_size=120))
+def test_free_at_least_matches_a_full_count(ops: list[tuple]) -> None:
+    t = RefTable(UNITS)
+    for op in ops:
+        _apply(t, op)
+        free = t.rc.count(0)
+        # One more than is free: True only if some operation let the bound
+        # rise above the real count (the check then recounts, so every
+        # operation is checked from an exact bound).
+        assert not t.free_at_least(free + 1), (op, free)
+        assert t.free_at_least(free), (op, free)
+
+
+def test_free_at_least_does_not_count_while_the_bound_holds() -> None:
+    t = RefTable(1000)
+    assert t.free_at_least(10)
+    # Units taken behind the table's back are not seen until a recount:
+    # that is why every change goes through RefTable's methods.
+    t.rc[0:995] = bytes([SYSTEM]) * 995
+    assert t.free_at_least(10)
+    t.reset_free_floor()
+    assert not t.free_at_least(10)
+    assert t.free_at_least(5)
