@@ -536,14 +536,7 @@ class Pool(SnapshotOps):
                 out[i * BLOCK:j * BLOCK] = raw
                 i = j
                 continue
-            raw = self._pread_data(v, slen, sector)
-            if checksum(raw) != csum:
-                self._bad_block(v, b0 + i, sector)
-            try:
-                block = lz4.block.decompress(raw, uncompressed_size=BLOCK)
-            except lz4.block.LZ4BlockError:
-                self._bad_block(v, b0 + i, sector)
-            out[i * BLOCK:(i + 1) * BLOCK] = block
+            out[i * BLOCK:(i + 1) * BLOCK] = self._load_block(v, b0 + i, sector, csum, slen)
             i += 1
         return out
 
@@ -554,9 +547,14 @@ class Pool(SnapshotOps):
         i = bisect_left(keys, b)
         if i == len(keys) or keys[i] != b:
             return bytearray(BLOCK)
-        sector, slen = leaf.addrs[i], leaf.slens[i]
+        return self._load_block(v, b, leaf.addrs[i], leaf.csums[i], leaf.slens[i])
+
+    def _load_block(self, v: Dataset, b: int, sector: int, csum: int,
+                    slen: int) -> bytes | bytearray:
+        """Block ``b`` of ``v`` from its pointer: read, checksum verified,
+        expanded if it is stored compressed."""
         raw = self._pread_data(v, slen, sector)
-        if checksum(raw) != leaf.csums[i]:
+        if checksum(raw) != csum:
             self._bad_block(v, b, sector)
         if slen == BLOCK:
             return raw

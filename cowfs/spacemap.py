@@ -93,10 +93,10 @@ class RefTable:
         (False) and let the caller take them one by one."""
         rc = self.rc
         run = rc[start:start + n]
-        if run != bytes([RESERVED]) * n and run.count(0) != n:
-            if run.translate(_RESERVED_AS_FREE).count(0) != n:
-                return False
-        self._free_floor -= run.count(0)
+        free = run.count(0)
+        if free != n and run.translate(_RESERVED_AS_FREE).count(0) != n:
+            return False
+        self._free_floor -= free
         rc[start:start + n] = b"\x01" * n
         self.dirty_pages.update(range(start >> PAGE_SHIFT, ((start + n - 1) >> PAGE_SHIFT) + 1))
         return True
