@@ -240,6 +240,48 @@ class Tree:
             return NULL
         return self._collapse(parts[0][1])
 
+    def set_one(self, root: int, key: int, addr: int, csum: int, slen: int) -> int:
+        """Map ``key`` to one block pointer: the same result, references and
+        :attr:`delta` as ``replace(root, key, key + 1, <that entry>)``.
+
+        When every node on the path may already change in place (dirty, one
+        reference) and the leaf has room, the leaf is edited directly.  A
+        single-block write does this about 20 Python calls cheaper than
+        :meth:`replace`, which matters most when the daemon's caches are cold
+        between requests.  Any other path (shared, clean, full) goes through
+        :meth:`replace`.
+        """
+        dirty = self.store.dirty
+        count = self.store.mrc.count
+        a = root
+        while a:
+            node = dirty.get(a)
+            if node is None or count(a) != 1:
+                break
+            keys = node.keys
+            if node.leaf:
+                j = bisect_left(keys, key)
+                if j < len(keys) and keys[j] == key:
+                    self.refs.drop(node.addrs[j], node.slens[j])
+                    node.addrs[j] = addr
+                    node.csums[j] = csum
+                    node.slens[j] = slen
+                    self.delta = 0
+                    return root
+                if len(keys) >= LEAF_CAP:
+                    break
+                keys.insert(j, key)
+                node.addrs.insert(j, addr)
+                node.csums.insert(j, csum)
+                node.slens.insert(j, slen)
+                self.delta = 1
+                return root
+            # The child that _replace would descend into (keys[0] is the
+            # node's lower bound, so key >= keys[0] always holds).
+            a = node.children[max(0, bisect_right(keys, key) - 1)]
+        return self.replace(root, key, key + 1, Entries(
+            array("Q", (key,)), array("Q", (addr,)), array("Q", (csum,)), array("H", (slen,))))
+
     def drop(self, root: int) -> None:
         """Release one reference on a whole tree (volume delete)."""
         if root:

@@ -45,6 +45,8 @@ RENAME = struct.Struct("<QQ")
 ATTR = struct.Struct("<QIIIQQQ")
 TRUNCATE = struct.Struct("<QQBQQH")
 WRITE = struct.Struct("<QQI")
+# An R_WRITE record of one block: WRITE, size after, then one sector, csum, slen.
+WRITE_ONE = struct.Struct("<QQIQQQH")
 
 
 class Journal:

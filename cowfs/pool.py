@@ -42,7 +42,8 @@ from .format import (BLOCK, DATA_FILE, FLAG_COMPRESSION, JOURNAL_FILE, META_FILE
                      new_uuid, units_of, unpack_array, FORMAT_VERSION)
 from .integrity import recount
 from .journal import (ATTR, CREATE, ONE_ID, R_ATTR, R_CREATE, R_DELETE, R_RENAME, R_TRUNCATE,
-                      R_SNAPOP, R_WRITE, RENAME, TRUNCATE, WRITE, Journal, replay)
+                      R_SNAPOP, R_WRITE, RENAME, TRUNCATE, WRITE, WRITE_ONE, Journal,
+                      replay)
 from .snapshots import SnapshotOps
 from .spacemap import SYSTEM, RefTable
 
@@ -592,6 +593,10 @@ class Pool(SnapshotOps):
         b1 = (end + BLOCK - 1) // BLOCK
         mv = memoryview(data).cast("B")
         head = offset - b0 * BLOCK
+        if head == 0 and n == BLOCK and (mv[0] or bytes(mv) != ZERO_BLOCK):
+            # One whole data block (random 4 KiB writes): the short path.
+            self._write_block(v, b0, mv, max(v.size, end))
+            return n
         if head == 0 and end % BLOCK == 0:
             buf = mv
         else:
@@ -649,6 +654,27 @@ class Pool(SnapshotOps):
         v.times_dirty = True
         self._after_change()
 
+    def _write_block(self, v: Dataset, b: int, blk: memoryview, new_size: int) -> None:
+        """Store one non-zero block raw and map it at block ``b``: what
+        :meth:`_write_blocks` does for it (single blocks are never
+        compressed) with fewer steps, and the same journal record."""
+        self._ensure_meta_reserve()
+        unit = self._alloc_data(1)
+        sector = unit * SECTORS_PER_BLOCK
+        csum = checksum(blk)
+        try:
+            self.data.pwrite(blk, unit * BLOCK)
+        except OSError as e:
+            self.drc.free_marked(unit)
+            raise self._io_error(e, "writing data") from None
+        self._data_written(1)
+        with self._mutation():
+            self._apply_write_one(v.id, b, sector, csum, new_size)
+            self._log(R_WRITE, WRITE_ONE.pack(v.id, b, 1, new_size, sector, csum, BLOCK))
+        v.mtime = v.ctime = time.time_ns()
+        v.times_dirty = True
+        self._after_change()
+
     def _store(self, stored: list, slens: array, addrs: array, csums: array,
                total_sectors: int, whole: memoryview | None = None) -> None:
         """Write stored blocks to fresh, RESERVED data units; fill addrs/csums.
@@ -698,6 +724,10 @@ class Pool(SnapshotOps):
         except OSError as e:
             self._unreserve(reserved)
             raise self._io_error(e, "writing data") from None
+        self._data_written(units)
+
+    def _data_written(self, units: int) -> None:
+        """Account for ``units`` data units just written (not yet synced)."""
         self._data_dirty = True
         # Keep what the next commit must wait for small: a commit (fsync, or
         # every COMMIT_INTERVAL) blocks the daemon until the data is on disk.
@@ -1180,6 +1210,15 @@ class Pool(SnapshotOps):
         v.mapped += self.tree.delta
         v.size = new_size
 
+    def _apply_write_one(self, vid: int, b: int, sector: int, csum: int,
+                         new_size: int) -> None:
+        """:meth:`_apply_write` of one raw block in a RESERVED unit."""
+        v = self._known(vid)
+        self.drc.incref(sector // SECTORS_PER_BLOCK)
+        v.root = self.tree.set_one(v.root, b, sector, csum, BLOCK)
+        v.mapped += self.tree.delta
+        v.size = new_size
+
     # DataRefs for the tree
     def take(self, sector: int, slen: int) -> None:
         """A leaf pointer now references this stored block's units."""
@@ -1188,6 +1227,9 @@ class Pool(SnapshotOps):
 
     def drop(self, sector: int, slen: int) -> None:
         """A leaf pointer to this stored block went away."""
+        if slen == BLOCK and not sector % SECTORS_PER_BLOCK:
+            self.drc.decref(sector // SECTORS_PER_BLOCK)   # a raw block: one unit
+            return
         for u in units_of(sector, slen):
             self.drc.decref(u)
 

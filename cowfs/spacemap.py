@@ -33,6 +33,8 @@ PAGE_SHIFT = 12            # 4096 units per persisted page
 PAGE_UNITS = 1 << PAGE_SHIFT
 _ZERO_PAGE = bytes(PAGE_UNITS)
 
+_RESERVED_RUN = bytes((RESERVED,))
+
 # Translation that reads RESERVED as free (0) and everything else as 1.
 _RESERVED_AS_FREE = bytes(0 if i in (0, RESERVED) else 1 for i in range(256))
 
@@ -133,7 +135,10 @@ class RefTable:
     def reserve_run(self, start: int, n: int) -> None:
         """Mark ``n`` free units from ``start`` RESERVED (see :meth:`find_free`)."""
         self._free_floor -= n
-        self.rc[start:start + n] = bytes([RESERVED]) * n
+        if n == 1:
+            self.rc[start] = RESERVED   # a 4 KiB write: no slice, no new bytes
+        else:
+            self.rc[start:start + n] = _RESERVED_RUN * n
 
     def free_marked(self, unit: int) -> None:
         """Return a marked (reserved/system) unit to free space at once."""
@@ -153,7 +158,7 @@ class RefTable:
         """Start of ``n`` consecutive free units, next-fit from the last
         allocation, or -1.  Does not mark them."""
         rc = self.rc
-        pattern = b"\x00" * n
+        pattern = 0 if n == 1 else b"\x00" * n
         i = rc.find(pattern, self._cursor)
         if i < 0 and self._cursor:
             i = rc.find(pattern, 0)
