@@ -203,7 +203,7 @@ def _fix_counts(pool: "Pool") -> None:
                 else:
                     table.rc[u] = want
                 table.dirty_pages.add(u >> PAGE_SHIFT)
-        table.reset_free_floor()
+        table.recount_free()
 
 
 class Scrubber:

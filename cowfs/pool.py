@@ -794,9 +794,9 @@ class Pool(SnapshotOps):
         space; refuses (ENOSPC) before any change when it cannot."""
         need = (META_RESERVE_UNITS + len(self.drc.dirty_pages) + len(self.mrc.dirty_pages)
                 + len(self.store.dirty) // 64)
-        # Checked on every write: free_at_least() does not count the table,
+        # Checked on every write: free_units() does not count the table,
         # which cost 10 us a write at 25k meta units and grew with the pool.
-        if not self.mrc.free_at_least(need):
+        if self.mrc.free_units() < need:
             self._grow_meta()
 
     def _io_error(self, e: OSError, doing: str) -> PoolError:

@@ -1,9 +1,10 @@
-"""RefTable's cheap free-space check against a plain count.
+"""RefTable's kept count of free units against a plain count.
 
-``free_at_least`` keeps a lower bound on the free units instead of counting
-the table on every write; the pool relies on it to keep its metadata
-reserve.  A random sequence of every operation that changes the table checks
-that the answer always equals the one a full count gives.
+``free_units`` answers from a count that every method changing the table
+keeps up to date, instead of counting the table on every write and every
+``df``; the pool relies on it for its metadata reserve and ``statfs``.  A
+random sequence of every operation that changes the table checks that the
+answer always equals a full count.
 """
 
 from __future__ import annotations
@@ -61,25 +62,19 @@ def _apply(t: RefTable, op: tuple) -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(_op, max_size=120))
-def test_free_at_least_matches_a_full_count(ops: list[tuple]) -> None:
+def test_free_units_matches_a_full_count(ops: list[tuple]) -> None:
     t = RefTable(UNITS)
     for op in ops:
         _apply(t, op)
-        free = t.rc.count(0)
-        # One more than is free: True only if some operation let the bound
-        # rise above the real count (the check then recounts, so every
-        # operation is checked from an exact bound).
-        assert not t.free_at_least(free + 1), (op, free)
-        assert t.free_at_least(free), (op, free)
+        assert t.free_units() == t.rc.count(0), op
 
 
-def test_free_at_least_does_not_count_while_the_bound_holds() -> None:
+def test_free_units_counts_again_after_a_direct_change() -> None:
     t = RefTable(1000)
-    assert t.free_at_least(10)
+    assert t.free_units() == 1000
     # Units taken behind the table's back are not seen until a recount:
     # that is why every change goes through RefTable's methods.
     t.rc[0:995] = bytes([SYSTEM]) * 995
-    assert t.free_at_least(10)
-    t.reset_free_floor()
-    assert not t.free_at_least(10)
-    assert t.free_at_least(5)
+    assert t.free_units() == 1000
+    t.recount_free()
+    assert t.free_units() == 5
