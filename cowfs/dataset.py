@@ -54,7 +54,7 @@ class Dataset:
     """Mutable in-memory state of a volume or snapshot (``owner`` set)."""
 
     __slots__ = ("id", "name", "size", "root", "mode", "uid", "gid", "atime", "mtime",
-                 "ctime", "mapped", "times_dirty", "owner", "origin")
+                 "ctime", "mapped", "owner", "origin")
 
     def __init__(self, vid: int, name: str, size: int, mode: int, uid: int, gid: int,
                  now: int, owner: str | None = None) -> None:
@@ -62,7 +62,6 @@ class Dataset:
         self.mode, self.uid, self.gid = mode, uid, gid
         self.atime = self.mtime = self.ctime = now
         self.mapped = 0
-        self.times_dirty = False
         self.owner = owner
         self.origin: dict | None = None
 

@@ -107,6 +107,9 @@ class Pool(SnapshotOps):
         self.store = NodeStore(self._read_meta_unit, self.mrc, self._grow_meta, self.label)
         self.tree = Tree(self.store, self)
         self.datasets: dict[int, Dataset] = {}          # volumes and snapshots
+        # Volumes whose mtime/ctime changed since they were last journaled:
+        # kept apart so that a sync need not visit every snapshot.
+        self.times_dirty: dict[int, Dataset] = {}
         self.by_name: dict[str, Dataset] = {}           # volumes
         self.snaps: dict[tuple[str, str], Dataset] = {}  # (owner, name) -> snapshot
         self.next_id = 1
@@ -336,7 +339,7 @@ class Pool(SnapshotOps):
     def _changed_since_checkpoint(self) -> bool:
         return bool(self.store.dirty or self.journal.used() or self.drc.dirty_pages
                     or self.mrc.dirty_pages
-                    or any(v.times_dirty for v in self.datasets.values()))
+                    or self.times_dirty)
 
     def _close_files(self) -> None:
         for f in (self.meta, self.data, self.jfile):
@@ -651,7 +654,7 @@ class Pool(SnapshotOps):
             self._log(R_WRITE, WRITE.pack(v.id, b0, nb) + struct.pack("<Q", new_size)
                       + addrs.tobytes() + csums.tobytes() + slens.tobytes())
         v.mtime = v.ctime = time.time_ns()
-        v.times_dirty = True
+        self.times_dirty[v.id] = v
         self._after_change()
 
     def _write_block(self, v: Dataset, b: int, blk: memoryview, new_size: int) -> None:
@@ -672,7 +675,7 @@ class Pool(SnapshotOps):
             self._apply_write_one(v.id, b, sector, csum, new_size)
             self._log(R_WRITE, WRITE_ONE.pack(v.id, b, 1, new_size, sector, csum, BLOCK))
         v.mtime = v.ctime = time.time_ns()
-        v.times_dirty = True
+        self.times_dirty[v.id] = v
         self._after_change()
 
     def _store(self, stored: list, slens: array, addrs: array, csums: array,
@@ -835,7 +838,7 @@ class Pool(SnapshotOps):
             self._apply_truncate(vol_id, size, has_tail, *tail)
             self._log(R_TRUNCATE, TRUNCATE.pack(vol_id, size, has_tail, *tail))
         v.mtime = v.ctime = time.time_ns()
-        v.times_dirty = True
+        self.times_dirty[v.id] = v
         self._after_change()
 
     # -- durability ---------------------------------------------------------------
@@ -916,12 +919,13 @@ class Pool(SnapshotOps):
             log.warning("pool %s: background %s failed: %s", self.label, step.__name__, e)
 
     def _flush_times(self) -> None:
-        for v in self.datasets.values():
-            if v.times_dirty:
+        for vid, v in list(self.times_dirty.items()):
+            if self.datasets.get(vid) is v:     # not deleted meanwhile
                 self._log_attr(v)
+        self.times_dirty.clear()
 
     def _log_attr(self, v: Dataset) -> None:
-        v.times_dirty = False
+        self.times_dirty.pop(v.id, None)
         self._log(R_ATTR, ATTR.pack(v.id, v.mode, v.uid, v.gid, v.atime, v.mtime, v.ctime))
 
     def _log(self, rtype: int, payload: bytes) -> None:
@@ -950,8 +954,7 @@ class Pool(SnapshotOps):
             raise
 
     def _checkpoint(self) -> None:
-        for v in self.datasets.values():
-            v.times_dirty = False
+        self.times_dirty.clear()
         self._sync_data()
         gen = self.sb.gen + 1
         self.store.flush(self._write_meta_unit, gen)
