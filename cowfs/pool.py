@@ -66,6 +66,13 @@ MIN_GROW_UNITS = 1024                # grow pool files by at least 4 MiB
 ZERO_BLOCK = bytes(BLOCK)
 
 
+def _is_zero(blk: memoryview) -> bool:
+    """Whether a one-block buffer holds only zeros (stored as a hole)."""
+    # memoryview == bytes compares item by item; bytes() then memcmp is ~10x
+    # faster on a zero block, and the first byte rules out most.
+    return blk[0] == 0 and bytes(blk) == ZERO_BLOCK
+
+
 @dataclass
 class PoolStats:
     """Capacity figures for statfs, in bytes."""
@@ -596,7 +603,7 @@ class Pool(SnapshotOps):
         b1 = (end + BLOCK - 1) // BLOCK
         mv = memoryview(data).cast("B")
         head = offset - b0 * BLOCK
-        if head == 0 and n == BLOCK and (mv[0] or bytes(mv) != ZERO_BLOCK):
+        if head == 0 and n == BLOCK and not _is_zero(mv):
             # One whole data block (random 4 KiB writes): the short path.
             self._write_block(v, b0, mv, max(v.size, end))
             return n
@@ -624,9 +631,7 @@ class Pool(SnapshotOps):
         misses = 0
         for i in range(nb):
             blk = buf[i * BLOCK:(i + 1) * BLOCK]
-            # memoryview == bytes compares item by item; bytes() then memcmp
-            # is ~10x faster on a zero block, and the first byte rules out most.
-            if blk[0] == 0 and bytes(blk) == ZERO_BLOCK:
+            if _is_zero(blk):
                 stored.append(None)
                 continue
             if compress:
@@ -653,9 +658,7 @@ class Pool(SnapshotOps):
             self._apply_write(v.id, b0, nb, addrs, csums, slens, new_size)
             self._log(R_WRITE, WRITE.pack(v.id, b0, nb) + struct.pack("<Q", new_size)
                       + addrs.tobytes() + csums.tobytes() + slens.tobytes())
-        v.mtime = v.ctime = time.time_ns()
-        self.times_dirty[v.id] = v
-        self._after_change()
+        self._data_changed(v)
 
     def _write_block(self, v: Dataset, b: int, blk: memoryview, new_size: int) -> None:
         """Store one non-zero block raw and map it at block ``b``: what
@@ -674,6 +677,11 @@ class Pool(SnapshotOps):
         with self._mutation():
             self._apply_write_one(v.id, b, sector, csum, new_size)
             self._log(R_WRITE, WRITE_ONE.pack(v.id, b, 1, new_size, sector, csum, BLOCK))
+        self._data_changed(v)
+
+    def _data_changed(self, v: Dataset) -> None:
+        """After a write or truncate of ``v``: new mtime and ctime (journaled
+        at the next sync), and any commit or checkpoint that is now due."""
         v.mtime = v.ctime = time.time_ns()
         self.times_dirty[v.id] = v
         self._after_change()
@@ -837,9 +845,7 @@ class Pool(SnapshotOps):
         with self._mutation():
             self._apply_truncate(vol_id, size, has_tail, *tail)
             self._log(R_TRUNCATE, TRUNCATE.pack(vol_id, size, has_tail, *tail))
-        v.mtime = v.ctime = time.time_ns()
-        self.times_dirty[v.id] = v
-        self._after_change()
+        self._data_changed(v)
 
     # -- durability ---------------------------------------------------------------
 
@@ -919,10 +925,10 @@ class Pool(SnapshotOps):
             log.warning("pool %s: background %s failed: %s", self.label, step.__name__, e)
 
     def _flush_times(self) -> None:
-        for vid, v in list(self.times_dirty.items()):
+        dirty, self.times_dirty = self.times_dirty, {}
+        for vid, v in dirty.items():
             if self.datasets.get(vid) is v:     # not deleted meanwhile
                 self._log_attr(v)
-        self.times_dirty.clear()
 
     def _log_attr(self, v: Dataset) -> None:
         self.times_dirty.pop(v.id, None)

@@ -53,9 +53,8 @@ class RefTable:
         self._cursor = 0
         # The number of free units, kept by every method that frees or takes
         # one, so that neither the per-write metadata-reserve check nor df
-        # counts the table (0.4 ms per million units).  None: not known
-        # (after a direct change of ``rc``); the next query counts.
-        self._free: int | None = units
+        # counts the table (0.4 ms per million units).
+        self._free = units
 
     def __len__(self) -> int:
         return len(self.rc)
@@ -77,7 +76,7 @@ class RefTable:
         v = rc[unit]
         if v < MAX_DIRECT:
             rc[unit] = v + 1
-            if not v and self._free is not None:
+            if not v:
                 self._free -= 1
         elif v == RESERVED:
             rc[unit] = 1
@@ -99,8 +98,7 @@ class RefTable:
         free = run.count(0)
         if free != n and run.translate(_RESERVED_AS_FREE).count(0) != n:
             return False
-        if self._free is not None:
-            self._free -= free
+        self._free -= free
         rc[start:start + n] = b"\x01" * n
         self.dirty_pages.update(range(start >> PAGE_SHIFT, ((start + n - 1) >> PAGE_SHIFT) + 1))
         return True
@@ -130,14 +128,13 @@ class RefTable:
 
     def set_marker(self, unit: int, marker: int) -> None:
         """Put a marker on a free unit (or move between markers); not persisted."""
-        if not self.rc[unit] and self._free is not None:
+        if not self.rc[unit]:
             self._free -= 1
         self.rc[unit] = marker
 
     def reserve_run(self, start: int, n: int) -> None:
         """Mark ``n`` free units from ``start`` RESERVED (see :meth:`find_free`)."""
-        if self._free is not None:
-            self._free -= n
+        self._free -= n
         if n == 1:
             self.rc[start] = RESERVED   # a 4 KiB write: no slice, no new bytes
         else:
@@ -145,7 +142,7 @@ class RefTable:
 
     def free_marked(self, unit: int) -> None:
         """Return a marked (reserved/system) unit to free space at once."""
-        if self.rc[unit] and self._free is not None:
+        if self.rc[unit]:
             self._free += 1
         self.rc[unit] = 0
 
@@ -158,8 +155,7 @@ class RefTable:
                 rc[u] = 0
                 released += 1
         self.pending.clear()
-        if self._free is not None:
-            self._free += released
+        self._free += released
 
     # -- allocation -----------------------------------------------------------
 
@@ -176,21 +172,17 @@ class RefTable:
         return i
 
     def free_units(self) -> int:
-        """How many units are free now (without counting the table, unless
-        ``rc`` was changed directly since the last count)."""
-        if self._free is None:
-            self._free = self.rc.count(0)
+        """How many units are free now (kept, not counted)."""
         return self._free
 
     def recount_free(self) -> None:
-        """Forget the free-unit count: call after changing ``rc`` directly."""
-        self._free = None
+        """Count the free units again: call after changing ``rc`` directly."""
+        self._free = self.rc.count(0)
 
     def grow(self, units: int) -> None:
         """Track ``units`` units in all (new ones free)."""
         if units > len(self.rc):
-            if self._free is not None:
-                self._free += units - len(self.rc)
+            self._free += units - len(self.rc)
             self.rc.extend(bytes(units - len(self.rc)))
 
     # -- persistence ----------------------------------------------------------
@@ -213,8 +205,8 @@ class RefTable:
         """Install a persisted page image read at mount."""
         start = page << PAGE_SHIFT
         end = min(len(self.rc), start + PAGE_UNITS)
+        self._free += image[: end - start].count(0) - self.rc[start:end].count(0)
         self.rc[start:end] = image[: end - start]
-        self._free = None
 
     def overflow_items(self) -> list[list[int]]:
         """Overflow counts to persist, as ``[unit, count]`` pairs."""

@@ -56,9 +56,10 @@ Last comes one *pinned* pass (unless ``--no-pinned``): fio and the target's
 daemon are pinned to one CPU (the highest this process may use) with
 ``taskset``, and ``rand-write-4K`` and ``rand-read-4K`` run once on each file,
 the read after one sequential read of the whole file (so the host page cache
-is warm: the pass is about software cost, not disk waits).  It reports IOPS and the daemon's CPU time per request: the growth of
-utime + stime in ``/proc/PID/stat`` (clock ticks, converted to microseconds)
-divided by the number of I/Os fio did.  Daemons are pinned where they run,
+is warm: the pass is about software cost, not disk waits).  It reports IOPS
+and the daemon's CPU time per request: the growth of utime + stime in
+``/proc/PID/stat`` (clock ticks, converted to microseconds) divided by the
+number of I/Os fio did.  Daemons are pinned where they run,
 with ``taskset -a -p`` (all threads; threads they start later inherit it):
 the cowfs daemon is the process whose command line is the ``cowfs mount POOL
 MOUNTPOINT`` that forked it (see :func:`cowfs_daemon_pid`); qemu-storage-daemon
@@ -718,8 +719,9 @@ def summary(bench: Bench, fio_version: str) -> str:
                    + (f"; {t.note}" if t.note else ""))
     out += ["", table(bench)]
     if bench.pinned:
-        out += ["", f"Pinned pass: fio and each daemon on CPU {bench.pin_cpu}, one {a.runtime} s run each, "
-                "reads after a sequential read of the file (warm host page cache); us/req = the daemon's CPU time (user + system) per I/O", "", pinned_table(bench)]
+        out += ["", f"Pinned pass: fio and each daemon on CPU {bench.pin_cpu}, one {a.runtime} s run "
+                "each, reads after a sequential read of the file (warm host page cache); "
+                "us/req = the daemon's CPU time (user + system) per I/O", "", pinned_table(bench)]
     return "\n".join(out)
 
 
