@@ -18,6 +18,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import logging
+import mmap
 import os
 import random
 from dataclasses import dataclass, field
@@ -26,6 +28,11 @@ from typing import Callable, Protocol
 from .errors import PoolError
 
 PAGE = 4096  # granularity at which a power cut may keep or lose unsynced bytes
+# Writes of at least this many bytes (whole pages at a page offset) go to the
+# disk with O_DIRECT instead of through the host page cache (OsFile.pwrite).
+DIRECT_WRITE_MIN = 256 * 1024
+
+log = logging.getLogger(__name__)
 
 
 class PoolFile(Protocol):
@@ -107,12 +114,28 @@ _SYNC_FILE_RANGE_WRITE = 2
 
 
 class OsFile:
-    """A pool file backed by an OS file descriptor."""
+    """A pool file backed by an OS file descriptor.
+
+    Large page-aligned writes (``DIRECT_WRITE_MIN`` bytes or more: sequential
+    volume writes) bypass the host page cache through a second, O_DIRECT
+    descriptor: copying them into cache pages cost the daemon more CPU than
+    everything else on that path (half its time filling a volume with 1 MiB
+    writes), and a cold cache made the fill run at 330 MiB/s on a disk that
+    takes 2.7 GiB/s.  The kernel keeps the two descriptors coherent (a direct
+    write flushes and drops cached pages of its range), and durability is
+    unchanged: an O_DIRECT write may still sit in the disk's cache, so only
+    :meth:`sync` makes it durable, as for any other write.  Where the file
+    system refuses O_DIRECT (EINVAL), writes stay buffered.
+    """
 
     def __init__(self, path: str, name: str, create: bool) -> None:
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
         self.fd = os.open(path, flags, 0o600)
+        self.path = path
         self.name = name
+        self._direct_fd = -1          # opened at the first large write
+        self._direct_ok = True        # False once the file system refused O_DIRECT
+        self._direct_buf: mmap.mmap | None = None   # page-aligned copy of the data
 
     def pread(self, length: int, offset: int) -> bytes:
         data = os.pread(self.fd, length, offset)
@@ -126,12 +149,46 @@ class OsFile:
         return data
 
     def pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        n = len(data)
+        if n >= DIRECT_WRITE_MIN and self._direct_ok and not (offset | n) % PAGE:
+            if self._pwrite_direct(data, offset):
+                return
         done = os.pwrite(self.fd, data, offset)
-        while done < len(data):
-            n = os.pwrite(self.fd, memoryview(data)[done:], offset + done)
-            if n == 0:
+        while done < n:
+            more = os.pwrite(self.fd, memoryview(data)[done:], offset + done)
+            if more == 0:
                 raise OSError(errno.EIO, f"short write to {self.name}")
-            done += n
+            done += more
+
+    def _pwrite_direct(self, data: bytes | memoryview, offset: int) -> bool:
+        """Write ``data`` with O_DIRECT; False (nothing written) where the
+        file system does not support it, so that the caller writes buffered."""
+        n = len(data)
+        try:
+            if self._direct_fd < 0:
+                self._direct_fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_DIRECT)
+            if self._direct_buf is None or len(self._direct_buf) < n:
+                if self._direct_buf is not None:
+                    self._direct_buf.close()
+                # O_DIRECT needs an aligned source: mmap memory is page-aligned.
+                self._direct_buf = mmap.mmap(-1, max(n, 1 << 20))
+            buf = self._direct_buf
+            buf[:n] = data
+            with memoryview(buf) as view:
+                done = 0
+                while done < n:
+                    more = os.pwrite(self._direct_fd, view[done:n], offset + done)
+                    if more == 0:
+                        raise OSError(errno.EIO, f"short write to {self.name}")
+                    done += more
+            return True
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            log.info("%s: the file system refuses O_DIRECT (%s); writing through the page "
+                     "cache", self.path, e.strerror)
+            self._direct_ok = False
+            return False
 
     def sync(self) -> None:
         os.fdatasync(self.fd)
@@ -155,6 +212,12 @@ class OsFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self._direct_fd >= 0:
+            os.close(self._direct_fd)
+            self._direct_fd = -1
+        if self._direct_buf is not None:
+            self._direct_buf.close()
+            self._direct_buf = None
 
 
 class OsStorage:

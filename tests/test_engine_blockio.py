@@ -1,0 +1,103 @@
+"""OsFile on a real file: large writes go around the page cache (O_DIRECT),
+small ones through it, and every read sees the newest bytes either way."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from cowfs import blockio
+from cowfs.blockio import DIRECT_WRITE_MIN, PAGE, OsStorage
+
+FILE_SIZE = 8 << 20
+
+
+def random_write(rng: random.Random) -> tuple[int, int]:
+    """(offset, length) of one write: mostly page-aligned, small or at least
+    DIRECT_WRITE_MIN, sometimes unaligned; always inside FILE_SIZE."""
+    kind = rng.random()
+    if kind < 0.4:
+        length = rng.choice([PAGE, 2 * PAGE, 16 * PAGE])
+    elif kind < 0.8:
+        length = rng.choice([DIRECT_WRITE_MIN, 2 * DIRECT_WRITE_MIN, 1 << 20])
+    else:
+        length = rng.randrange(1, 2 * DIRECT_WRITE_MIN)
+    if kind < 0.8:
+        offset = rng.randrange(0, (FILE_SIZE - length) // PAGE + 1) * PAGE
+    else:
+        offset = rng.randrange(0, FILE_SIZE - length + 1)
+    return offset, length
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_direct_and_cached_writes_agree_with_a_model(tmp_path: Path, seed: int) -> None:
+    """Proves: a random mix of large page-aligned writes (O_DIRECT), small
+    and unaligned ones (page cache) and reads over the same ranges always
+    reads what a bytearray model holds, both through the open file and,
+    after sync and close, through a fresh descriptor; and the large writes
+    did take the O_DIRECT path."""
+    rng = random.Random(seed)
+    storage = OsStorage(str(tmp_path))
+    f = storage.open("data", create=True)
+    f.allocate(FILE_SIZE)
+    model = bytearray(FILE_SIZE)
+    direct_writes = 0
+    for step in range(120):
+        offset, length = random_write(rng)
+        data = rng.randbytes(length)
+        f.pwrite(data, offset)
+        model[offset:offset + length] = data
+        if length >= DIRECT_WRITE_MIN and not (offset | length) % PAGE:
+            direct_writes += 1
+        # Reads straddling what was just written and its neighbours.
+        r_off = max(0, offset - rng.randrange(0, 3 * PAGE))
+        r_len = min(FILE_SIZE - r_off, length + rng.randrange(0, 6 * PAGE))
+        assert f.pread(r_len, r_off) == model[r_off:r_off + r_len], (
+            f"seed {seed} step {step}: read {r_len} at {r_off} after a write of {length} at {offset}")
+    assert direct_writes and f._direct_fd >= 0, "no write took the O_DIRECT path"
+    f.sync()
+    f.close()
+    with open(tmp_path / "data", "rb") as fresh:
+        assert fresh.read() == model, f"seed {seed}: the file on disk differs from the model"
+
+
+def test_small_writes_never_open_o_direct(tmp_path: Path) -> None:
+    """Proves: writes below DIRECT_WRITE_MIN, and large ones that are not
+    page-aligned, stay in the page cache (no O_DIRECT descriptor)."""
+    f = OsStorage(str(tmp_path)).open("data", create=True)
+    f.pwrite(b"x" * (DIRECT_WRITE_MIN - PAGE), 0)
+    f.pwrite(b"y" * DIRECT_WRITE_MIN, 100)
+    f.pwrite(b"z" * (DIRECT_WRITE_MIN + 1), DIRECT_WRITE_MIN * 2)
+    assert f._direct_fd == -1
+    assert f.pread(3, DIRECT_WRITE_MIN * 2 - 1) == b"\0zz"
+    f.close()
+
+
+def test_o_direct_refused_falls_back_to_the_page_cache(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Proves: where the file system refuses O_DIRECT (EINVAL, as tmpfs did
+    before Linux 6.6), a large write still lands, through the page cache,
+    and later large writes do not try O_DIRECT again."""
+    real_open = os.open
+    refused: list[str] = []
+
+    def no_direct(path, flags, *args):
+        if flags & os.O_DIRECT:
+            refused.append(path)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(blockio.os, "open", no_direct)
+    f = OsStorage(str(tmp_path)).open("data", create=True)
+    data = random.Random(1).randbytes(2 * DIRECT_WRITE_MIN)
+    f.pwrite(data, 0)
+    f.pwrite(data, len(data))
+    assert len(refused) == 1, f"O_DIRECT tried {len(refused)} times"
+    assert f.pread(2 * len(data), 0) == data + data
+    f.sync()
+    f.close()
+    assert (tmp_path / "data").read_bytes() == data + data
