@@ -21,14 +21,15 @@ directory under ``--dir``, removed when the part ends.
    run).  Owned: fio ``randwrite`` over the rewritten region.
 2. **Snapshot and clone time**, median of 5, with ``--small`` and ``--large``
    written; the 1st versus the ``--count``-th snapshot of one volume and
-   clone of one snapshot (medians of the first and of the last 10).  qcow2's
+   clone of one snapshot (medians of the first and of the last 50).  qcow2's
    internal snapshots slow down as they add up (about 1 ms more per existing
    snapshot with 8 GiB written), so it takes only ``--qcow2-count`` of each;
    its overlays all have the image itself as backing file.
 3. **Reads through clones.**  fio 4 KiB random reads (psync, QD1, O_DIRECT,
    host page cache dropped before each run) over ``--small`` written on the
    original volume and on clones 1, 8 and ``--depth`` levels deep (qcow2: the
-   base image and overlay chains of those depths, data only in the base).
+   base image and overlay chains of those depths, data only in the base),
+   shallow to deep in one repetition and deep to shallow in the next.
 4. **Scattered mappings and metadata.**  Every other 4 KiB block of a volume
    of 2 x ``--mappings`` blocks is written through the mount (qcow2: through
    the export, into an image preallocated in full, see :func:`qcow2_scattered`)
@@ -86,7 +87,11 @@ BLOCK = 4 * KiB
 CLUSTER = 64 * KiB         # qcow2's default cluster size: the stride of the write replays
 IOPS_REPS = 2              # repetitions of every fio run (the table gives medians)
 TIME_REPS = 5              # snapshots and clones timed at each amount of data
-COUNT_WINDOW = 10          # first and last snapshots/clones whose medians are compared
+# First and last snapshots/clones whose medians are compared.  One cowfs
+# snapshot is mostly a journal fsync, whose latency varies 2x from one to
+# the next on these disks: medians of 10 moved the ratio by 0.3 between
+# runs with no trend behind it.
+COUNT_WINDOW = 50
 UNMOUNT_RETRY = 15.0       # seconds an unmount is retried while the mount is busy
 SIDES = ("cowfs", "qcow2")
 
@@ -546,7 +551,11 @@ def part_depth(r: Run) -> None:
         cowfs = cowfs_chain(r, stack)
         qcow2 = qcow2_chain(r, stack) if r.qcow2 else {}
         for rep in range(IOPS_REPS):
-            for depth in cowfs:
+            # Each repetition runs the depths in the opposite order of the
+            # one before: cold reads of one region drifted by 10% from run
+            # to run, which in a fixed order showed as a cost of depth.
+            order = list(cowfs) if rep % 2 == 0 else list(reversed(cowfs))
+            for depth in order:
                 key = f"randread_depth{depth}_iops"
                 r.add("cowfs", key, randread_iops(r, cowfs[depth]))
                 if depth in qcow2:
