@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from cowfs_tools.procs import running as pid_alive
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,17 +111,6 @@ def is_mounted(path: str | os.PathLike[str]) -> bool:
     """Whether something is mounted exactly at ``path``."""
     target = os.path.abspath(path)
     return any(mp == target for _, mp, _, _ in mount_entries())
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-            stat = fh.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    # The state letter follows the parenthesised command name.
-    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 def abort_fuse_connection(mountpoint: str | os.PathLike[str]) -> bool:

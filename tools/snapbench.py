@@ -78,6 +78,7 @@ from cowfs_daemon.server import unescape_mountinfo
 from cowfs_tools.bench import (DAEMON_EXIT_TIMEOUT, BenchError, cowfs_command, cowfs_daemon_pid,
                                make_file, parse_size, run, wait_for_daemon)
 from cowfs_tools.peers import PeerError, Qcow2Export
+from cowfs_tools.procs import running
 from cowfs_tools.signals import Interrupted, signals_raise
 
 log = logging.getLogger("cowfs.snapbench")
@@ -186,9 +187,9 @@ def memory(pid: int) -> tuple[int, int]:
 
 
 def wait_exit(pid: int, timeout: float = DAEMON_EXIT_TIMEOUT) -> None:
-    """Wait until process ``pid`` has exited."""
+    """Wait until process ``pid`` has exited (see :func:`running`)."""
     deadline = time.monotonic() + timeout
-    while Path(f"/proc/{pid}").exists():
+    while running(pid):
         if time.monotonic() > deadline:
             raise BenchError(f"process {pid} still running {timeout:.0f} s after the unmount")
         time.sleep(0.01)

@@ -68,6 +68,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cowfs_tools.loopdev import attached_loops, volume_path
+from cowfs_tools.procs import running
 
 log = logging.getLogger("cowfs.soak")
 
@@ -338,7 +339,7 @@ class Soak:
         pid = self.daemon_pid()
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        while running(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         log.info("killed daemon %d with %d loop devices attached", pid, len(busy))
         self.wait_parked(120)
@@ -453,7 +454,7 @@ class Soak:
                 self.run(["umount", "-l", str(self.mnt)])
         if pid is not None:
             deadline = time.monotonic() + 60
-            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            while running(pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
         if self.pool.exists():
             self.fsck("at the end")
