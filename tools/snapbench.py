@@ -46,7 +46,7 @@ gives medians, the targets of the issue and whether cowfs meets each.  It goes
 to stdout and, with the raw samples as JSON, to ``snapbench-TIME.md`` and
 ``.json`` in ``--dir``.
 
-A full default run takes about 11 minutes on this project's 2-core VM (parts
+A full default run takes 8 to 11 minutes on this project's 2-core VM (parts
 1 to 4: about 1.5, 1, 3 and 5 minutes; writing the 2M scattered mappings
 through the cowfs mount alone takes 3) and needs about 20 GiB free in
 ``--dir``.  ``--skip-2m`` saves the 5 minutes of part 4.  A smoke run of about
