@@ -64,6 +64,7 @@ WRITEBACK_BYTES = 16 << 20           # data written between two writeback hints
 INCOMPRESSIBLE_GIVE_UP = 2           # blocks of one write lz4 may fail on before it stops trying
 MIN_GROW_UNITS = 1024                # grow pool files by at least 4 MiB
 ZERO_BLOCK = bytes(BLOCK)
+ZERO_CSUM = checksum(ZERO_BLOCK)
 
 
 def _is_zero(blk: memoryview) -> bool:
@@ -634,9 +635,14 @@ class Pool(SnapshotOps):
         total_sectors = 0
         compress = self.compress and nb > 1
         misses = 0
+        # Checksums of every block as it came, in one pass: what a block
+        # stored raw keeps, and a cheap test for zero blocks (only a block
+        # with the checksum of zeros is compared byte by byte).
+        views = [buf[o:o + BLOCK] for o in range(0, nb * BLOCK, BLOCK)]
+        raw_csums = list(map(checksum, views))
         for i in range(nb):
-            blk = buf[i * BLOCK:(i + 1) * BLOCK]
-            if _is_zero(blk):
+            blk = views[i]
+            if raw_csums[i] == ZERO_CSUM and _is_zero(blk):
                 stored.append(None)
                 continue
             if compress:
@@ -658,7 +664,7 @@ class Pool(SnapshotOps):
         if total_sectors:
             # All blocks raw: the buffer as it came is what goes to disk.
             whole = buf if total_sectors == nb * SECTORS_PER_BLOCK else None
-            self._store(stored, slens, addrs, csums, total_sectors, whole)
+            self._store(stored, slens, addrs, csums, total_sectors, raw_csums, whole)
         with self._mutation():
             self._apply_write(v.id, b0, nb, addrs, csums, slens, new_size)
             self._log(R_WRITE, WRITE.pack(v.id, b0, nb) + struct.pack("<Q", new_size)
@@ -695,9 +701,12 @@ class Pool(SnapshotOps):
         self._after_change()
 
     def _store(self, stored: list, slens: array, addrs: array, csums: array,
-               total_sectors: int, whole: memoryview | None = None) -> None:
+               total_sectors: int, raw_csums: list[int],
+               whole: memoryview | None = None) -> None:
         """Write stored blocks to fresh, RESERVED data units; fill addrs/csums.
-        ``whole``: all of ``stored`` in one buffer, if the blocks are that."""
+        ``raw_csums``: checksum of each block as it came (used for the ones
+        stored raw); ``whole``: all of ``stored`` in one buffer, if the
+        blocks are that."""
         units = -(-total_sectors // SECTORS_PER_BLOCK)
         start = self._alloc_data(units)
         writes: list[tuple[int, bytes | memoryview]] = []
@@ -705,20 +714,25 @@ class Pool(SnapshotOps):
         if start >= 0:
             reserved = list(range(start, start + units))
             sector = start * SECTORS_PER_BLOCK
-            parts = []
-            for i, blk in enumerate(stored):
-                if blk is None:
-                    continue
-                addrs[i] = sector
-                csums[i] = checksum(blk)
-                pad = (-len(blk)) % SECTOR
-                parts.append(blk)
-                if pad:
-                    parts.append(bytes(pad))
-                sector += (len(blk) + pad) // SECTOR
             if whole is not None:
+                # Every block raw and in order (sequential writes): the
+                # pointers are a plain run, set without a loop in Python.
+                end = sector + len(stored) * SECTORS_PER_BLOCK
+                addrs[:] = array("Q", range(sector, end, SECTORS_PER_BLOCK))
+                csums[:] = array("Q", raw_csums)
                 payload = whole
             else:
+                parts = []
+                for i, blk in enumerate(stored):
+                    if blk is None:
+                        continue
+                    addrs[i] = sector
+                    csums[i] = raw_csums[i] if len(blk) == BLOCK else checksum(blk)
+                    pad = (-len(blk)) % SECTOR
+                    parts.append(blk)
+                    if pad:
+                        parts.append(bytes(pad))
+                    sector += (len(blk) + pad) // SECTOR
                 payload = parts[0] if len(parts) == 1 else b"".join(parts)
             writes.append((start * BLOCK, payload))
         else:
@@ -732,7 +746,7 @@ class Pool(SnapshotOps):
                         raise PoolError(errno.ENOSPC, f"pool {self.label} is full")
                     reserved.append(u)
                     addrs[i] = u * SECTORS_PER_BLOCK
-                    csums[i] = checksum(blk)
+                    csums[i] = raw_csums[i] if len(blk) == BLOCK else checksum(blk)
                     writes.append((u * BLOCK, blk))
             except BaseException:
                 self._unreserve(reserved)
@@ -848,7 +862,7 @@ class Pool(SnapshotOps):
                 if any(blk):
                     addrs, csums = array("Q", [0]), array("Q", [0])
                     slens = array("H", [BLOCK])
-                    self._store([blk], slens, addrs, csums, SECTORS_PER_BLOCK)
+                    self._store([blk], slens, addrs, csums, SECTORS_PER_BLOCK, [checksum(blk)])
                     tail = (addrs[0], csums[0], BLOCK)
         with self._mutation():
             self._apply_truncate(vol_id, size, has_tail, *tail)
