@@ -25,7 +25,6 @@ import json
 import struct
 import uuid as _uuid
 from array import array
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import xxhash
@@ -60,10 +59,9 @@ def units_of(sector: int, slen: int) -> range:
     return range(start // BLOCK, (start + slen - 1) // BLOCK + 1)
 
 
-# The checksum used everywhere in the format: xxh3, 64 bits, as an int, of a
-# bytes-like object.  Bound to xxhash's function itself rather than wrapped:
-# a 4 KiB write computes two, and a Python frame costs as much as the hash.
-checksum: Callable[[bytes | memoryview], int] = xxhash.xxh3_64_intdigest
+def checksum(data: bytes | memoryview) -> int:
+    """The checksum used everywhere in the format (xxh3, 64 bits)."""
+    return xxhash.xxh3_64_intdigest(data)
 
 
 # ----------------------------------------------------------------------------

@@ -377,10 +377,15 @@ class Pool(SnapshotOps):
 
     def _vol(self, vol_id: int) -> Dataset:
         """A volume about to be changed (EROFS for a snapshot or a read-only pool)."""
-        v = self._dataset(vol_id)
-        self._refuse_read_only()
-        if v.is_snapshot:
-            raise PoolError(errno.EROFS, f"snapshot {v.label} is read-only")
+        v = self.datasets.get(vol_id)
+        # Every write comes here: the usual case is settled with attribute
+        # tests, and only a refusal or a pending reload takes the calls below.
+        if (v is None or v.owner is not None or self.closed or self.stale is not None
+                or self.degraded is not None or self.readonly):
+            v = self._dataset(vol_id)
+            self._refuse_read_only()
+            if v.is_snapshot:
+                raise PoolError(errno.EROFS, f"snapshot {v.label} is read-only")
         return v
 
     def _dataset(self, ds_id: int) -> Dataset:
@@ -591,12 +596,7 @@ class Pool(SnapshotOps):
     def write(self, vol_id: int, offset: int, data: bytes | memoryview) -> int:
         """Write ``data`` at ``offset`` (extending the volume if it ends past
         the end).  Returns the length written.  ENOSPC when the pool is full."""
-        v = self.datasets.get(vol_id)
-        if (v is None or v.owner is not None or self.stale is not None or self.closed
-                or self.degraded is not None or self.readonly):
-            # The checks of _vol, made inline above because every 4 KiB
-            # write passes here; this call reloads or refuses as it must.
-            v = self._vol(vol_id)
+        v = self._vol(vol_id)
         n = len(data)
         if offset < 0:
             raise PoolError(errno.EINVAL, f"volume {v.name!r}: negative offset {offset}")
@@ -685,12 +685,9 @@ class Pool(SnapshotOps):
             self.drc.free_marked(unit)
             raise self._io_error(e, "writing data") from None
         self._data_written(1)
-        try:    # what _mutation() does, without its three calls
+        with self._mutation():
             self._apply_write_one(v.id, b, sector, csum, new_size)
             self._log(R_WRITE, WRITE_ONE.pack(v.id, b, 1, new_size, sector, csum, BLOCK))
-        except BaseException as e:
-            self._mutation_failed(e)
-            raise
         self._data_changed(v)
 
     def _data_changed(self, v: Dataset) -> None:
@@ -1122,19 +1119,11 @@ class Pool(SnapshotOps):
             return None
 
         def __exit__(self, et, e, tb) -> bool:
-            if e is not None:
-                self.pool._mutation_failed(e)
+            if e is not None and not self.pool._replaying:
+                self.pool._lose_memory(e)
+                if not isinstance(e, PoolError) or e.errno not in (errno.EIO, errno.ENOSPC):
+                    raise PoolError(errno.EIO, f"pool {self.pool.label}: internal error: {e}") from e
             return False
-
-    def _mutation_failed(self, e: BaseException) -> None:
-        """An in-memory change failed half way: reload before the next
-        request; anything but EIO or ENOSPC is reported as an internal
-        error (EIO).  Returns when the caller should re-raise ``e``."""
-        if self._replaying:
-            return
-        self._lose_memory(e)
-        if not isinstance(e, PoolError) or e.errno not in (errno.EIO, errno.ENOSPC):
-            raise PoolError(errno.EIO, f"pool {self.label}: internal error: {e}") from e
 
     def _mutation(self) -> "Pool._Mutation":
         """Context for in-memory changes: a failure inside makes the next

@@ -89,9 +89,10 @@ CLUSTER = 64 * KiB         # qcow2's default cluster size: the stride of the wri
 IOPS_REPS = 2              # repetitions of every fio run (the table gives medians)
 TIME_REPS = 5              # snapshots and clones timed at each amount of data
 # First and last snapshots/clones whose medians are compared.  One cowfs
-# snapshot is mostly a journal fsync, whose latency varies 2x from one to
-# the next on these disks: medians of 10 moved the ratio by 0.3 between
-# runs with no trend behind it.
+# snapshot is mostly a journal fsync, whose latency varies from one to the
+# next: medians of 100 successive snapshots through the mount ranged
+# 0.39-0.54 ms over 1000 of them with no trend, so windows of 10 made the
+# ratio depend on which few fsyncs were slow.
 COUNT_WINDOW = 50
 UNMOUNT_RETRY = 15.0       # seconds an unmount is retried while the mount is busy
 SIDES = ("cowfs", "qcow2")
