@@ -74,9 +74,10 @@ sysdeps:
 $(VENV)/pyvenv.cfg: | sysdeps
 	$(PYTHON) -m venv $(VENV)
 
-# Reinstall whenever pyproject.toml changes (or the venv is new); an existing
-# venv without the stamp gets the project installed into it once.
-$(VENV)/.stamp: pyproject.toml $(VENV)/pyvenv.cfg | sysdeps
+# Reinstall whenever pyproject.toml or the C source changes (or the venv is
+# new); an existing venv without the stamp gets the project installed into it
+# once.  The editable install builds cowfs/_inplace*.so next to its source.
+$(VENV)/.stamp: pyproject.toml cowfs/_inplace.c $(VENV)/pyvenv.cfg | sysdeps
 	$(VPY) -m pip install -e '.[test]'
 	touch $@
 

@@ -1242,8 +1242,7 @@ class Pool(SnapshotOps):
                          new_size: int) -> None:
         """:meth:`_apply_write` of one raw block in a RESERVED unit."""
         v = self._known(vid)
-        self.drc.incref(sector // SECTORS_PER_BLOCK)
-        v.root = self.tree.set_one(v.root, b, sector, csum, BLOCK)
+        v.root = self.tree.set_one(v.root, b, sector, csum)
         v.mapped += self.tree.delta
         v.size = new_size
 
