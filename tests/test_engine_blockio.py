@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,41 @@ def test_o_direct_refused_falls_back_to_the_page_cache(tmp_path: Path,
     f.sync()
     f.close()
     assert (tmp_path / "data").read_bytes() == data + data
+
+
+def test_writeback_hint_does_not_wait_and_close_waits_for_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Proves: start_writeback returns while the kernel call it asks for is
+    still running (in its own thread), hints given meanwhile fold into one
+    more call, and close() lets the running call finish before the
+    descriptor goes."""
+    entered = threading.Event()
+    release = threading.Event()
+    calls: list[tuple[int, bool]] = []
+
+    def slow_sync_file_range(fd: int, offset: int, length: int, flags: int) -> int:
+        entered.set()
+        release.wait(10)
+        # The descriptor must still be open while the call runs.
+        calls.append((flags, os.fstat(fd) is not None))
+        return 0
+
+    monkeypatch.setattr(blockio, "_sync_file_range", slow_sync_file_range)
+    f = OsStorage(str(tmp_path)).open("data", create=True)
+    f.pwrite(b"x" * PAGE, 0)
+    f.start_writeback()
+    assert entered.wait(10), "the writeback call never started"
+    for _ in range(5):                       # all while the first call runs
+        f.start_writeback()
+    assert calls == []
+    closer = threading.Thread(target=f.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive(), "close() did not wait for the running call"
+    release.set()
+    closer.join(10)
+    assert not closer.is_alive()
+    assert f.fd == -1
+    # The running call, then at most one more for the five hints.
+    assert 1 <= len(calls) <= 2 and all(flags == 2 for flags, _ in calls)
+    assert not [t for t in threading.enumerate() if t.name.startswith("writeback ")]
