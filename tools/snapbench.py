@@ -29,7 +29,8 @@ directory under ``--dir``, removed when the part ends.
    host page cache dropped before each run) over ``--small`` written on the
    original volume and on clones 1, 8 and ``--depth`` levels deep (qcow2: the
    base image and overlay chains of those depths, data only in the base),
-   shallow to deep in one repetition and deep to shallow in the next.
+   shallow to deep in one repetition and deep to shallow in the next, four
+   repetitions.
 4. **Scattered mappings and metadata.**  Every other 4 KiB block of a volume
    of 2 x ``--mappings`` blocks is written through the mount (qcow2: through
    the export, into an image preallocated in full, see :func:`qcow2_scattered`)
@@ -46,8 +47,8 @@ gives medians, the targets of the issue and whether cowfs meets each.  It goes
 to stdout and, with the raw samples as JSON, to ``snapbench-TIME.md`` and
 ``.json`` in ``--dir``.
 
-A full default run takes 8 to 11 minutes on this project's 2-core VM (parts
-1 to 4: about 1.5, 1, 3 and 5 minutes; writing the 2M scattered mappings
+A full default run takes 11 to 14 minutes on this project's 2-core VM (parts
+1 to 4: about 1.5, 1, 6 and 5 minutes; writing the 2M scattered mappings
 through the cowfs mount alone takes 3) and needs about 20 GiB free in
 ``--dir``.  ``--skip-2m`` saves the 5 minutes of part 4.  A smoke run of about
 1 minute: ``--small 64M --large 256M --mappings 20000 --count 20
@@ -87,6 +88,10 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 BLOCK = 4 * KiB
 CLUSTER = 64 * KiB         # qcow2's default cluster size: the stride of the write replays
 IOPS_REPS = 2              # repetitions of every fio run (the table gives medians)
+# The clone-depth reads (part 3) are cold random reads, disk waits mostly:
+# one volume's runs varied 9.2k-10.4k IOPS within one snapbench run, against
+# a target ratio of 0.95.  More repetitions there, in alternating order.
+DEPTH_REPS = 4
 TIME_REPS = 5              # snapshots and clones timed at each amount of data
 # First and last snapshots/clones whose medians are compared.  One cowfs
 # snapshot is mostly a journal fsync, whose latency varies from one to the
@@ -552,7 +557,7 @@ def part_depth(r: Run) -> None:
     with ExitStack() as stack:
         cowfs = cowfs_chain(r, stack)
         qcow2 = qcow2_chain(r, stack) if r.qcow2 else {}
-        for rep in range(IOPS_REPS):
+        for rep in range(DEPTH_REPS):
             # Each repetition runs the depths in the opposite order of the
             # one before: cold reads of one region drifted by 10% from run
             # to run, which in a fixed order showed as a cost of depth.
@@ -780,7 +785,8 @@ def report(r: Run, table: list[Row], versions: dict[str, str]) -> str:
     return "\n".join([
         f"cowfs snapbench, {time.strftime('%Y-%m-%d %H:%M %Z')}: {versions['fio']}, {versions['qemu-img']}, "
         f"kernel {platform.release()}.",
-        f"IOPS: fio psync QD1 O_DIRECT 4 KiB, runs of at most {a.runtime} s, median of {IOPS_REPS}; "
+        f"IOPS: fio psync QD1 O_DIRECT 4 KiB, runs of at most {a.runtime} s, median of {IOPS_REPS} "
+        f"({DEPTH_REPS} for the clone-depth reads); "
         f"snapshot and clone times: median of {TIME_REPS}.{peer}",
         "",
         "| measure | cowfs | qcow2 | target | cowfs meets it |",
