@@ -56,6 +56,7 @@ MAX_VOLUME_SIZE = 1 << 50            # 1 PiB
 JOURNAL_SIZE = 16 << 20
 COMMIT_INTERVAL = 5.0                # seconds unsynced records may wait (like ext4's commit=5)
 CHECKPOINT_INTERVAL = 30.0
+TICK_WARN_INTERVAL = 60.0            # seconds between warnings of a failing background commit
 DIRTY_NODE_LIMIT = 12288             # ~50 MiB of dirty tree nodes before a checkpoint
 JOURNAL_BUFFER_LIMIT = 4 << 20
 META_RESERVE_UNITS = 1024            # free meta units kept so commits never need new space
@@ -142,6 +143,8 @@ class Pool(SnapshotOps):
         self._unflushed = 0              # data bytes written since the last writeback hint
         self._first_unsynced = 0.0
         self._last_checkpoint = time.monotonic()
+        self._tick_failures = 0          # background commits failed in a row (tick)
+        self._tick_warned = 0.0          # when the last of them was logged
 
     @classmethod
     def mkfs(cls, storage: Storage, *, compression: bool = True, force: bool = False,
@@ -920,7 +923,19 @@ class Pool(SnapshotOps):
                     and (self.store.dirty or self.journal.used())):
                 self.checkpoint()
         except PoolError as e:
-            log.warning("pool %s: background commit failed: %s", self.label, e)
+            # Retried every second while the disk fails: one warning, then
+            # one a minute, so that the log still shows what else happens.
+            self._tick_failures += 1
+            now = time.monotonic()
+            if self._tick_failures == 1 or now - self._tick_warned >= TICK_WARN_INTERVAL:
+                self._tick_warned = now
+                log.warning("pool %s: background commit failed (%d in a row): %s",
+                            self.label, self._tick_failures, e)
+            return
+        if self._tick_failures:
+            log.warning("pool %s: background commit works again after %d failures",
+                        self.label, self._tick_failures)
+            self._tick_failures = 0
 
     def _checkpoint_due(self) -> bool:
         return (len(self.store.dirty) > DIRTY_NODE_LIMIT
@@ -1101,7 +1116,8 @@ class Pool(SnapshotOps):
         self._close_files()
         id_limit = self.next_id
         keep = {k: getattr(self, k) for k in ("_locked", "checksum_errors", "io_errors",
-                                               "degraded", "reloads", "on_reload")}
+                                               "degraded", "reloads", "on_reload",
+                                               "_tick_failures", "_tick_warned")}
         self.__dict__.update(vars(fresh))
         self.__dict__.update(keep)
         self.reloads += 1

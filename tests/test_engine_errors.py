@@ -8,6 +8,7 @@ naming the object, and must leave the pool exactly as it was.
 from __future__ import annotations
 
 import errno
+import logging
 import random
 from collections.abc import Callable, Iterator
 
@@ -15,7 +16,8 @@ import pytest
 
 from cowfs.blockio import SimStorage
 from cowfs.errors import PoolError
-from cowfs.pool import BLOCK, Pool
+from cowfs import pool as pool_module
+from cowfs.pool import BLOCK, TICK_WARN_INTERVAL, Pool
 
 from engine_model import make_payload, read_all
 
@@ -407,6 +409,44 @@ def test_failed_tree_update_reloads_and_keeps_serving() -> None:
     assert reopened.read(vid, BLOCK, BLOCK) == written[1]
     assert reopened.read(vid, 3999 * BLOCK, 2 * BLOCK) == bytes([9]) * 2 * BLOCK
     reopened.close()
+
+
+def test_failing_background_retry_is_logged_once_a_minute(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Proves: while the disk keeps failing, the once-a-second housekeeping
+    retry logs one warning, then one per TICK_WARN_INTERVAL (with the count
+    of failures in a row), and one more when it works again."""
+    storage = SimStorage(label="sim-tickwarn")
+    pool, vid, _ = _tree_with_levels(storage)
+
+    def fail(op: str, name: str, offset: int, length: int) -> None:
+        if (op, name) == ("read", "meta"):
+            raise OSError(errno.EIO, "injected EIO on read of meta")
+
+    storage.fault = fail
+    with pytest.raises(PoolError):
+        pool.write(vid, 3999 * BLOCK, bytes([9]) * 2 * BLOCK)   # leaves a reload pending
+    clock = [1000.0]
+    monkeypatch.setattr(pool_module.time, "monotonic", lambda: clock[0])
+    caplog.set_level(logging.WARNING, logger="cowfs.pool")
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "background commit" in r.getMessage()]
+
+    for _ in range(5):
+        pool.tick()
+        clock[0] += 1
+    assert len(warnings()) == 1 and "(1 in a row)" in warnings()[0], warnings()
+    clock[0] += TICK_WARN_INTERVAL
+    pool.tick()
+    assert len(warnings()) == 2 and "(6 in a row)" in warnings()[1], warnings()
+    storage.fault = None
+    pool.tick()
+    assert pool.stale is None
+    assert len(warnings()) == 3 and "works again after 6 failures" in warnings()[2], warnings()
+    pool.tick()
+    assert len(warnings()) == 3
+    pool.close()
 
 
 def test_failed_data_sync_leaves_pool_read_only() -> None:
