@@ -20,7 +20,6 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
-#include <string.h>
 
 /* Read from cowfs.format and cowfs.spacemap when the module is imported. */
 static long LEAF_CAP, MAX_DIRECT, PENDING, RESERVED, PAGE_SHIFT;
