@@ -76,8 +76,8 @@ $(VENV)/pyvenv.cfg: | sysdeps
 
 # Reinstall whenever pyproject.toml or the C source changes (or the venv is
 # new); an existing venv without the stamp gets the project installed into it
-# once.  The editable install builds cowfs/_inplace*.so next to its source.
-$(VENV)/.stamp: pyproject.toml cowfs/_inplace.c $(VENV)/pyvenv.cfg | sysdeps
+# once.  The editable install builds cowfs/_oneblock*.so next to its source.
+$(VENV)/.stamp: pyproject.toml cowfs/_oneblock.c $(VENV)/pyvenv.cfg | sysdeps
 	$(VPY) -m pip install -e '.[test]'
 	touch $@
 

@@ -32,7 +32,6 @@ from collections import OrderedDict
 from typing import Callable, Protocol
 
 from .errors import PoolError
-from ._inplace import map_raw_block
 from .format import BLOCK, INTERNAL_CAP, LEAF_CAP, NULL, Node
 from .spacemap import RESERVED, RefTable
 
@@ -43,10 +42,6 @@ KEY_END = 1 << 64           # upper bound of the key space
 
 class DataRefs(Protocol):
     """How the tree takes and drops references on data units."""
-
-    #: The data units' table: a raw block pointer (whole block, unit-aligned
-    #: sector) holds one reference on unit ``sector // SECTORS_PER_BLOCK``.
-    drc: RefTable
 
     def take(self, sector: int, slen: int) -> None:
         """One more leaf pointer touches the units of this stored block."""
@@ -247,23 +242,9 @@ class Tree:
 
     def set_one(self, root: int, key: int, sector: int, csum: int) -> int:
         """Map ``key`` to the raw block at data ``sector`` (one whole unit,
-        RESERVED until now): the same result, references and :attr:`delta` as
-        taking that unit's reference and ``replace(root, key, key + 1, <that
-        entry>)``.
-
-        When every node on the path may already change in place (dirty, one
-        reference) and the leaf has room, :func:`map_raw_block` edits the leaf
-        and both units' counts in one C call (random 4 KiB writes into a
-        volume written since the last checkpoint).  Any other path (shared,
-        clean, full, an old pointer it leaves alone) goes through
-        :meth:`replace`.
-        """
-        drc = self.refs.drc
-        delta = map_raw_block(self.store.dirty, self.store.mrc.rc, root, key, drc.rc,
-                              drc.pending, drc.dirty_pages, sector, csum)
-        if delta >= 0:
-            self.delta = delta
-            return root
+        RESERVED until now): take that unit's reference and replace the one
+        entry.  (The usual 4 KiB write never gets here: ``cowfs._oneblock``
+        does it in C when the path may change in place.)"""
         self.refs.take(sector, BLOCK)
         return self.replace(root, key, key + 1, Entries(
             array("Q", (key,)), array("Q", (sector,)), array("Q", (csum,)), array("H", (BLOCK,))))

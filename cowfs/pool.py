@@ -46,6 +46,7 @@ from .journal import (ATTR, CREATE, ONE_ID, R_ATTR, R_CREATE, R_DELETE, R_RENAME
                       replay)
 from .snapshots import SnapshotOps
 from .spacemap import SYSTEM, RefTable
+from ._oneblock import write_block
 
 log = logging.getLogger(__name__)
 
@@ -599,6 +600,20 @@ class Pool(SnapshotOps):
     def write(self, vol_id: int, offset: int, data: bytes | memoryview) -> int:
         """Write ``data`` at ``offset`` (extending the volume if it ends past
         the end).  Returns the length written.  ENOSPC when the pool is full."""
+        if len(data) == BLOCK:
+            # Random 4 KiB writes: cowfs/_oneblock.c does the common case in
+            # one call (about a third of the daemon's CPU per request when it
+            # was Python); any other case it leaves, unchanged, to the code below.
+            try:
+                owed = write_block(self, vol_id, offset, data)
+            except OSError as e:
+                raise self._io_error(e, "writing data") from None
+            if owed >= 0:
+                if owed & 2:
+                    self.data.start_writeback()
+                if owed & 1:
+                    self._after_change()
+                return BLOCK
         v = self._vol(vol_id)
         n = len(data)
         if offset < 0:

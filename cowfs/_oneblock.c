@@ -1,0 +1,795 @@
+/*
+ * cowfs._oneblock: the engine's one-block write, in C for its common case.
+ *
+ * A random 4 KiB write is the request a VM disk sends most, and every step of
+ * it in Python (checks, allocation, the data write, the tree edit, the two
+ * reference counts, the journal record, the times) cost about 11 us of a
+ * ~30 us request.  write_block() does the whole of it in one call when the
+ * case is the common one: a writable volume whose tree path was already
+ * changed since the last checkpoint (every node on it dirty, one reference),
+ * a free data unit at the allocation cursor, room in the leaf, the journal
+ * and the metadata reserve.  Any other case answers -1 before changing
+ * anything, and Pool.write takes the general Python path, which stays the
+ * definition of what a write does; tests/test_engine_oneblock.py runs both
+ * on the same random operations and requires the same trees, counts, data
+ * and journal records.
+ *
+ * The rules followed are the tree's (cowfs/btree.py), the reference table's
+ * (cowfs/spacemap.py), the journal's (cowfs/journal.py) and the pool's
+ * (cowfs/pool.py); their constants are read from those modules, and the
+ * module refuses to load if the journal's record layout is not the one
+ * written here.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+/* Read from cowfs.format, cowfs.spacemap and cowfs.journal at import. */
+static long LEAF_CAP, MAX_DIRECT, PENDING, PAGE_SHIFT;
+static long BLOCK, SECTORS_PER_BLOCK;
+static long JOURNAL_MAGIC, R_WRITE, HDR_SIZE, WRITE_ONE_SIZE;
+
+/* cowfs.pool's, read at the first write_block() call: cowfs.pool imports
+ * this module (through cowfs.btree), so it cannot be imported from here at
+ * import time. */
+static long long MAX_VOLUME_SIZE, META_RESERVE_UNITS, JOURNAL_BUFFER_LIMIT;
+static long long DIRTY_NODE_LIMIT, WRITEBACK_BYTES;
+static int pool_constants_loaded;
+
+/* The journal record layout write_block() packs by hand. */
+#define HDR_FORMAT "<IQQHHIQ"
+#define WRITE_ONE_FORMAT "<QQIQQQH"
+#define RECORD_MAX 128
+
+static PyObject *xxh3;          /* xxhash.xxh3_64_intdigest, cowfs.format.checksum's */
+static PyObject *PoolError;     /* cowfs.errors.PoolError */
+static unsigned char *zero_block;
+
+static PyObject *s_leaf, *s_keys, *s_addrs, *s_csums, *s_slens, *s_children;
+static PyObject *s_closed, *s_readonly, *s_stale, *s_degraded, *s_replaying, *s_datasets;
+static PyObject *s_owner, *s_root, *s_size, *s_mapped, *s_mtime, *s_ctime;
+static PyObject *s_store, *s_dirty, *s_drc, *s_mrc, *s_rc, *s_pending, *s_dirty_pages;
+static PyObject *s_free, *s_cursor, *s_journal, *s_buf, *s_pos, *s_gen, *s_seq;
+static PyObject *s_data, *s_pwrite, *s_unflushed, *s_data_dirty, *s_first_unsynced;
+static PyObject *s_times_dirty, *s_lose_memory, *s_label;
+
+/* Tree depth can never come near this; it only bounds a corrupt cycle. */
+#define MAX_DEPTH 64
+
+/* A writable view of an array.array with the given item size, or -1. */
+static int
+get_items(PyObject *node, PyObject *name, Py_ssize_t itemsize, Py_buffer *view)
+{
+    PyObject *arr = PyObject_GetAttr(node, name);
+    if (arr == NULL)
+        return -1;
+    int r = PyObject_GetBuffer(arr, view, PyBUF_WRITABLE | PyBUF_FORMAT);
+    Py_DECREF(arr);
+    if (r < 0)
+        return -1;
+    if (view->itemsize != itemsize || view->ndim != 1) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_TypeError, "node %U: unexpected item size", name);
+        return -1;
+    }
+    return 0;
+}
+
+/* First index with keys[i] >= key. */
+static Py_ssize_t
+lower_bound(const uint64_t *keys, Py_ssize_t n, uint64_t key)
+{
+    Py_ssize_t lo = 0, hi = n;
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        if (keys[mid] < key)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* First index with keys[i] > key. */
+static Py_ssize_t
+upper_bound(const uint64_t *keys, Py_ssize_t n, uint64_t key)
+{
+    Py_ssize_t lo = 0, hi = n;
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        if (keys[mid] <= key)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* The dirty node at meta unit addr if the tree may change it in place
+ * (dirty, exactly one reference), else NULL without an error set.
+ * Returns a borrowed reference. */
+static PyObject *
+writable_node(PyObject *dirty, const unsigned char *mrc, Py_ssize_t mrc_len, uint64_t addr)
+{
+    if (addr == 0 || addr >= (uint64_t)mrc_len || mrc[addr] != 1)
+        return NULL;
+    PyObject *k = PyLong_FromUnsignedLongLong(addr);
+    if (k == NULL)
+        return NULL;
+    PyObject *node = PyDict_GetItemWithError(dirty, k);
+    Py_DECREF(k);
+    return node;
+}
+
+/* Insert value at index j of the array attribute name of node. */
+static int
+insert_item(PyObject *node, PyObject *name, Py_ssize_t j, unsigned long long value)
+{
+    PyObject *arr = PyObject_GetAttr(node, name);
+    if (arr == NULL)
+        return -1;
+    PyObject *r = PyObject_CallMethod(arr, "insert", "nK", j, value);
+    Py_DECREF(arr);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static int
+add_page(PyObject *pages, uint64_t unit)
+{
+    PyObject *p = PyLong_FromUnsignedLongLong(unit >> PAGE_SHIFT);
+    if (p == NULL)
+        return -1;
+    int r = PySet_Add(pages, p);
+    Py_DECREF(p);
+    return r;
+}
+
+/* The leaf the walk from addr down to key reaches, if every node on the way
+ * may change in place; a new reference, or NULL (with an error set only on
+ * failure). */
+static PyObject *
+writable_leaf(PyObject *dirty, const unsigned char *mrc, Py_ssize_t mrc_len, uint64_t addr,
+              uint64_t key)
+{
+    for (int depth = 0; depth < MAX_DEPTH; depth++) {
+        PyObject *node = writable_node(dirty, mrc, mrc_len, addr);
+        if (node == NULL)
+            return NULL;
+        /* Held while attributes are read: nothing below runs Python code
+         * that could drop it from the dict, but a borrowed reference would
+         * rely on that. */
+        Py_INCREF(node);
+        PyObject *leaf = PyObject_GetAttr(node, s_leaf);
+        int is_leaf = leaf == NULL ? -1 : PyObject_IsTrue(leaf);
+        Py_XDECREF(leaf);
+        if (is_leaf != 0) {
+            if (is_leaf < 0)
+                Py_CLEAR(node);
+            return node;
+        }
+        /* The child Tree._replace would descend into: keys[0] is the node's
+         * lower bound, so the index is clamped at 0. */
+        Py_buffer kv, cv;
+        if (get_items(node, s_keys, 8, &kv) < 0) {
+            Py_DECREF(node);
+            return NULL;
+        }
+        if (get_items(node, s_children, 8, &cv) < 0) {
+            PyBuffer_Release(&kv);
+            Py_DECREF(node);
+            return NULL;
+        }
+        Py_ssize_t i = upper_bound(kv.buf, kv.len / 8, key) - 1;
+        if (i < 0)
+            i = 0;
+        int ok = i < cv.len / 8;
+        if (ok)
+            addr = ((uint64_t *)cv.buf)[i];
+        PyBuffer_Release(&kv);
+        PyBuffer_Release(&cv);
+        Py_DECREF(node);
+        if (!ok)
+            return NULL;
+    }
+    return NULL;
+}
+
+/* Where key goes in a leaf that may change in place, and what it replaces.
+ * Fills *j (the index), *found (key is there) and *old_unit (its raw unit,
+ * when found); returns 1 when the edit may happen here, 0 for the cases left
+ * to the general path (a full leaf; an old pointer that is compressed, spans
+ * units or whose count is not kept in its byte), -1 on failure. */
+static int
+leaf_slot(PyObject *node, uint64_t key, const unsigned char *drc, Py_ssize_t drc_len,
+          Py_ssize_t *j, int *found, uint64_t *old_unit)
+{
+    Py_buffer kv, av, sv;
+    if (get_items(node, s_keys, 8, &kv) < 0)
+        return -1;
+    Py_ssize_t n = kv.len / 8;
+    *j = lower_bound(kv.buf, n, key);
+    *found = *j < n && ((uint64_t *)kv.buf)[*j] == key;
+    PyBuffer_Release(&kv);
+    if (!*found)
+        return n < LEAF_CAP;
+    if (get_items(node, s_addrs, 8, &av) < 0)
+        return -1;
+    if (get_items(node, s_slens, 2, &sv) < 0) {
+        PyBuffer_Release(&av);
+        return -1;
+    }
+    int ok = *j < av.len / 8 && *j < sv.len / 2;
+    if (ok) {
+        uint64_t old_sector = ((uint64_t *)av.buf)[*j];
+        uint16_t old_slen = ((uint16_t *)sv.buf)[*j];
+        *old_unit = old_sector / SECTORS_PER_BLOCK;
+        ok = old_slen == BLOCK && old_sector % SECTORS_PER_BLOCK == 0
+             && *old_unit < (uint64_t)drc_len && drc[*old_unit] >= 1
+             && drc[*old_unit] <= MAX_DIRECT;
+    }
+    PyBuffer_Release(&av);
+    PyBuffer_Release(&sv);
+    return ok;
+}
+
+/* The additions an edit makes that may fail (memory) but are harmless on
+ * their own: both units' pages marked dirty (a page marked for nothing only
+ * costs a rewrite), and the old unit in the pending list when its count is
+ * about to reach 0 (release_pending skips a unit no longer PENDING). */
+static int
+edit_prepare(int found, uint64_t new_unit, uint64_t old_unit, const unsigned char *drc,
+             PyObject *pending, PyObject *pages)
+{
+    if (add_page(pages, new_unit) < 0)
+        return -1;
+    if (!found)
+        return 0;
+    if (add_page(pages, old_unit) < 0)
+        return -1;
+    if (drc[old_unit] == 1) {
+        PyObject *u = PyLong_FromUnsignedLongLong(old_unit);
+        int r = u == NULL ? -1 : PyList_Append(pending, u);
+        Py_XDECREF(u);
+        return r;
+    }
+    return 0;
+}
+
+/* The edit itself, after leaf_slot() said yes and edit_prepare() succeeded:
+ * the new unit gets its first reference, the old one (if any) loses one,
+ * and the leaf entry is set or inserted.  Only an insert can fail (memory),
+ * possibly half way; returns -1 then. */
+static int
+edit_apply(PyObject *node, Py_ssize_t j, int found, uint64_t key, uint64_t sector,
+           uint64_t csum, uint64_t old_unit, unsigned char *drc)
+{
+    uint64_t new_unit = sector / SECTORS_PER_BLOCK;
+    if (!found) {
+        if (insert_item(node, s_keys, j, key) < 0
+                || insert_item(node, s_addrs, j, sector) < 0
+                || insert_item(node, s_csums, j, csum) < 0
+                || insert_item(node, s_slens, j, (unsigned long long)BLOCK) < 0)
+            return -1;
+        drc[new_unit] = 1;
+        return 0;
+    }
+    Py_buffer av, csv, sv;
+    if (get_items(node, s_addrs, 8, &av) < 0)
+        return -1;
+    if (get_items(node, s_csums, 8, &csv) < 0) {
+        PyBuffer_Release(&av);
+        return -1;
+    }
+    if (get_items(node, s_slens, 2, &sv) < 0) {
+        PyBuffer_Release(&av);
+        PyBuffer_Release(&csv);
+        return -1;
+    }
+    unsigned char old_count = drc[old_unit];
+    drc[old_unit] = old_count == 1 ? (unsigned char)PENDING : old_count - 1;
+    drc[new_unit] = 1;
+    ((uint64_t *)av.buf)[j] = sector;
+    ((uint64_t *)csv.buf)[j] = csum;
+    ((uint16_t *)sv.buf)[j] = (uint16_t)BLOCK;
+    PyBuffer_Release(&av);
+    PyBuffer_Release(&csv);
+    PyBuffer_Release(&sv);
+    return 0;
+}
+
+/* Little-endian stores of the journal record's fields. */
+static unsigned char *
+put_le(unsigned char *p, uint64_t v, int nbytes)
+{
+    for (int i = 0; i < nbytes; i++)
+        p[i] = (unsigned char)(v >> (8 * i));
+    return p + nbytes;
+}
+
+/* An attribute that must be an int, as a C value; -1 on failure. */
+static int
+get_ll(PyObject *obj, PyObject *name, long long *out)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    *out = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* Set an attribute to a new int; -1 on failure. */
+static int
+set_ll(PyObject *obj, PyObject *name, long long value)
+{
+    PyObject *v = PyLong_FromLongLong(value);
+    if (v == NULL)
+        return -1;
+    int r = PyObject_SetAttr(obj, name, v);
+    Py_DECREF(v);
+    return r;
+}
+
+/* 1 if the attribute is true (is_none: is not None), 0 if not, -1 on failure. */
+static int
+attr_set(PyObject *obj, PyObject *name, int is_none)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    int r = is_none ? v != Py_None : PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return r;
+}
+
+static int
+load_pool_constants(void)
+{
+    PyObject *m = PyImport_ImportModule("cowfs.pool");
+    if (m == NULL)
+        return -1;
+    const char *names[] = {"MAX_VOLUME_SIZE", "META_RESERVE_UNITS", "JOURNAL_BUFFER_LIMIT",
+                           "DIRTY_NODE_LIMIT", "WRITEBACK_BYTES"};
+    long long *out[] = {&MAX_VOLUME_SIZE, &META_RESERVE_UNITS, &JOURNAL_BUFFER_LIMIT,
+                        &DIRTY_NODE_LIMIT, &WRITEBACK_BYTES};
+    for (int i = 0; i < 5; i++) {
+        PyObject *v = PyObject_GetAttrString(m, names[i]);
+        if (v == NULL) {
+            Py_DECREF(m);
+            return -1;
+        }
+        *out[i] = PyLong_AsLongLong(v);
+        Py_DECREF(v);
+        if (*out[i] == -1 && PyErr_Occurred()) {
+            Py_DECREF(m);
+            return -1;
+        }
+    }
+    Py_DECREF(m);
+    pool_constants_loaded = 1;
+    return 0;
+}
+
+/* What the general path's Pool._Mutation does when a change fails half way:
+ * the pool reloads its durable state before the next request, and the
+ * caller sees EIO.  Called with the failure's exception set; returns NULL
+ * with a PoolError set. */
+static PyObject *
+lose_memory(PyObject *pool)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    PyObject *r = PyObject_CallMethodOneArg(pool, s_lose_memory, value);
+    Py_XDECREF(r);
+    PyErr_Clear();
+    PyObject *label = PyObject_GetAttr(pool, s_label);
+    PyObject *msg = label == NULL ? NULL
+        : PyUnicode_FromFormat("pool %S: internal error: %S", label, value);
+    PyObject *err = msg == NULL ? NULL : PyObject_CallFunction(PoolError, "iO", EIO, msg);
+    Py_XDECREF(label);
+    Py_XDECREF(msg);
+    if (err != NULL) {
+        PyException_SetCause(err, value);   /* steals value */
+        value = NULL;
+        PyErr_SetObject(PoolError, err);
+        Py_DECREF(err);
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    return NULL;
+}
+
+/* The objects one write_block() call works on; all released at the end. */
+struct wb {
+    PyObject *v, *store, *dirty, *drc, *mrc, *drc_rc, *mrc_rc, *pending, *drc_pages;
+    PyObject *mrc_pages, *journal, *jbuf, *file, *csum_obj, *leaf, *now;
+};
+
+static void
+wb_clear(struct wb *w)
+{
+    PyObject **p = (PyObject **)w;
+    for (size_t i = 0; i < sizeof *w / sizeof(PyObject *); i++)
+        Py_CLEAR(p[i]);
+}
+
+#define NOT_MINE (-1)
+
+/* The body of write_block(): the flags (>= 0), NOT_MINE, or -2 on failure
+ * (an exception set; nothing in memory changed unless it is the PoolError of
+ * lose_memory()). */
+static long
+write_block_impl(PyObject *pool, PyObject *vol_id, long long offset, PyObject *data,
+                 const unsigned char *bytes, struct wb *w)
+{
+    int r;
+    /* The pool serves writes (Pool._vol's attribute tests). */
+    if ((r = attr_set(pool, s_closed, 0)) != 0 || (r = attr_set(pool, s_readonly, 0)) != 0
+            || (r = attr_set(pool, s_replaying, 0)) != 0
+            || (r = attr_set(pool, s_stale, 1)) != 0 || (r = attr_set(pool, s_degraded, 1)) != 0)
+        return r < 0 ? -2 : NOT_MINE;
+    PyObject *datasets = PyObject_GetAttr(pool, s_datasets);
+    if (datasets == NULL)
+        return -2;
+    w->v = PyDict_Check(datasets) ? PyDict_GetItemWithError(datasets, vol_id) : NULL;
+    Py_XINCREF(w->v);
+    Py_DECREF(datasets);
+    if (w->v == NULL)
+        return PyErr_Occurred() ? -2 : NOT_MINE;
+    if ((r = attr_set(w->v, s_owner, 1)) != 0)     /* a snapshot */
+        return r < 0 ? -2 : NOT_MINE;
+    /* A block of zeros is a hole: the general path's. */
+    if (bytes[0] == 0 && memcmp(bytes, zero_block, BLOCK) == 0)
+        return NOT_MINE;
+
+    if (!(w->store = PyObject_GetAttr(pool, s_store)) || !(w->dirty = PyObject_GetAttr(w->store, s_dirty))
+            || !(w->drc = PyObject_GetAttr(pool, s_drc)) || !(w->mrc = PyObject_GetAttr(pool, s_mrc))
+            || !(w->drc_rc = PyObject_GetAttr(w->drc, s_rc))
+            || !(w->mrc_rc = PyObject_GetAttr(w->mrc, s_rc))
+            || !(w->pending = PyObject_GetAttr(w->drc, s_pending))
+            || !(w->drc_pages = PyObject_GetAttr(w->drc, s_dirty_pages))
+            || !(w->mrc_pages = PyObject_GetAttr(w->mrc, s_dirty_pages))
+            || !(w->journal = PyObject_GetAttr(pool, s_journal))
+            || !(w->jbuf = PyObject_GetAttr(w->journal, s_buf)))
+        return -2;
+    if (!PyDict_Check(w->dirty) || !PyByteArray_Check(w->drc_rc) || !PyByteArray_Check(w->mrc_rc)
+            || !PyList_Check(w->pending) || !PySet_Check(w->drc_pages)
+            || !PySet_Check(w->mrc_pages) || !PyByteArray_Check(w->jbuf)) {
+        PyErr_SetString(PyExc_TypeError, "write_block: unexpected pool structures");
+        return -2;
+    }
+
+    /* Pool._ensure_meta_reserve: short of reserve, the general path grows it. */
+    long long mrc_free, pos, jsize, gen, seq, cursor, vsize, mapped, root, unflushed;
+    if (get_ll(w->mrc, s_free, &mrc_free) < 0)
+        return -2;
+    long long need = META_RESERVE_UNITS + PySet_GET_SIZE(w->drc_pages)
+                     + PySet_GET_SIZE(w->mrc_pages) + PyDict_GET_SIZE(w->dirty) / 64;
+    if (mrc_free < need)
+        return NOT_MINE;
+    /* Journal.fits: when the record does not fit, the general path checkpoints. */
+    Py_ssize_t jlen = PyByteArray_GET_SIZE(w->jbuf);
+    if (get_ll(w->journal, s_pos, &pos) < 0 || get_ll(w->journal, s_size, &jsize) < 0)
+        return -2;
+    if (pos + jlen + 2 * HDR_SIZE + WRITE_ONE_SIZE + BLOCK > jsize)
+        return NOT_MINE;
+
+    /* The tree path may change in place and the leaf takes the entry. */
+    if (get_ll(w->v, s_root, &root) < 0)
+        return -2;
+    uint64_t key = (uint64_t)offset / BLOCK;
+    w->leaf = writable_leaf(w->dirty, (const unsigned char *)PyByteArray_AS_STRING(w->mrc_rc),
+                            PyByteArray_GET_SIZE(w->mrc_rc), (uint64_t)root, key);
+    if (w->leaf == NULL)
+        return PyErr_Occurred() ? -2 : NOT_MINE;
+    Py_ssize_t j;
+    int found;
+    uint64_t old_unit = 0;
+    const unsigned char *drc = (const unsigned char *)PyByteArray_AS_STRING(w->drc_rc);
+    Py_ssize_t drc_len = PyByteArray_GET_SIZE(w->drc_rc);
+    if ((r = leaf_slot(w->leaf, key, drc, drc_len, &j, &found, &old_unit)) <= 0)
+        return r < 0 ? -2 : NOT_MINE;
+
+    /* RefTable.find_free(1): next fit from the cursor.  Nothing is marked
+     * until the write is mapped: no other code runs on the pool meanwhile. */
+    if (get_ll(w->drc, s_cursor, &cursor) < 0)
+        return -2;
+    const unsigned char *hit = NULL;
+    if (cursor >= 0 && cursor < drc_len)
+        hit = memchr(drc + cursor, 0, drc_len - cursor);
+    if (hit == NULL && cursor > 0)
+        hit = memchr(drc, 0, drc_len);
+    if (hit == NULL)
+        return NOT_MINE;    /* the general path syncs or grows the pool */
+    uint64_t unit = hit - drc;
+    uint64_t sector = unit * SECTORS_PER_BLOCK;
+
+    if (!(w->csum_obj = PyObject_CallOneArg(xxh3, data)))
+        return -2;
+    uint64_t csum = PyLong_AsUnsignedLongLong(w->csum_obj);
+    if (csum == (uint64_t)-1 && PyErr_Occurred())
+        return -2;
+
+    /* The data, through the pool file's own interface (tests put crash and
+     * fault simulators there).  Its failure changes nothing. */
+    if (!(w->file = PyObject_GetAttr(pool, s_data)))
+        return -2;
+    PyObject *off = PyLong_FromUnsignedLongLong(unit * BLOCK);
+    if (off == NULL)
+        return -2;
+    PyObject *res = PyObject_CallMethodObjArgs(w->file, s_pwrite, data, off, NULL);
+    Py_DECREF(off);
+    if (res == NULL)
+        return -2;
+    Py_DECREF(res);
+
+    /* Checked again after the data write, which ran Python code (the pool
+     * file's): it changes nothing in memory, but if it ever did, the refusal
+     * would leave the data in a unit that stays free, harmless. */
+    drc = (const unsigned char *)PyByteArray_AS_STRING(w->drc_rc);
+    drc_len = PyByteArray_GET_SIZE(w->drc_rc);
+    if (unit >= (uint64_t)drc_len || drc[unit] != 0
+            || (r = leaf_slot(w->leaf, key, drc, drc_len, &j, &found, &old_unit)) <= 0)
+        return r < 0 ? -2 : NOT_MINE;
+
+    /* Everything that may fail before the change: the record (Journal.append),
+     * the journal buffer's room for it, the values to store. */
+    if (get_ll(w->journal, s_gen, &gen) < 0 || get_ll(w->journal, s_seq, &seq) < 0
+            || get_ll(w->v, s_size, &vsize) < 0 || get_ll(w->v, s_mapped, &mapped) < 0
+            || get_ll(pool, s_unflushed, &unflushed) < 0)
+        return -2;
+    long long new_size = vsize > offset + BLOCK ? vsize : offset + BLOCK;
+    unsigned char rec[RECORD_MAX];
+    unsigned char *p = rec;
+    p = put_le(p, JOURNAL_MAGIC, 4);
+    p = put_le(p, gen, 8);
+    p = put_le(p, seq, 8);
+    p = put_le(p, R_WRITE, 2);
+    p = put_le(p, 0, 2);
+    p = put_le(p, WRITE_ONE_SIZE, 4);
+    unsigned char *rec_csum = p;
+    p = put_le(p, 0, 8);
+    PyObject *vid_long = PyNumber_Index(vol_id);
+    if (vid_long == NULL)
+        return -2;
+    uint64_t vid = PyLong_AsUnsignedLongLong(vid_long);
+    Py_DECREF(vid_long);
+    if (vid == (uint64_t)-1 && PyErr_Occurred())
+        return -2;
+    p = put_le(p, vid, 8);
+    p = put_le(p, key, 8);
+    p = put_le(p, 1, 4);
+    p = put_le(p, new_size, 8);
+    p = put_le(p, sector, 8);
+    p = put_le(p, csum, 8);
+    p = put_le(p, BLOCK, 2);
+    PyObject *view = PyMemoryView_FromMemory((char *)rec, p - rec, PyBUF_READ);
+    PyObject *rc_obj = view == NULL ? NULL : PyObject_CallOneArg(xxh3, view);
+    Py_XDECREF(view);
+    if (rc_obj == NULL)
+        return -2;
+    uint64_t record_csum = PyLong_AsUnsignedLongLong(rc_obj);
+    Py_DECREF(rc_obj);
+    if (record_csum == (uint64_t)-1 && PyErr_Occurred())
+        return -2;
+    put_le(rec_csum, record_csum, 8);
+
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    if (!(w->now = PyLong_FromLongLong((long long)ts.tv_sec * 1000000000LL + ts.tv_nsec)))
+        return -2;
+    /* Pool._data_changed: the new times are journaled at the next sync.  An
+     * entry made for a write that then fails only journals the times again. */
+    PyObject *times_dirty = PyObject_GetAttr(pool, s_times_dirty);
+    r = times_dirty == NULL || !PyDict_Check(times_dirty)
+        || PyDict_SetItem(times_dirty, vol_id, w->v) < 0;
+    Py_XDECREF(times_dirty);
+    if (r) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "write_block: times_dirty is not a dict");
+        return -2;
+    }
+    if (edit_prepare(found, unit, old_unit, drc, w->pending, w->drc_pages) < 0)
+        return -2;
+    if (PyByteArray_Resize(w->jbuf, jlen + (p - rec)) < 0)
+        return -2;
+
+    /* The change.  Only an insert into the leaf can fail from here on. */
+    unsigned char *drc_w = (unsigned char *)PyByteArray_AS_STRING(w->drc_rc);
+    if (edit_apply(w->leaf, j, found, key, sector, csum, old_unit, drc_w) < 0) {
+        PyByteArray_Resize(w->jbuf, jlen);
+        lose_memory(pool);
+        return -2;
+    }
+    memcpy(PyByteArray_AS_STRING(w->jbuf) + jlen, rec, p - rec);
+    long long drc_free;
+    long flags = 0;
+    /* Attribute stores of ints into existing slots and dict keys. */
+    r = get_ll(w->drc, s_free, &drc_free) < 0
+        || set_ll(w->drc, s_free, drc_free - 1) < 0
+        || set_ll(w->drc, s_cursor, unit + 1) < 0
+        || set_ll(w->journal, s_seq, seq + 1) < 0
+        || (!found && set_ll(w->v, s_mapped, mapped + 1) < 0)
+        || (new_size != vsize && set_ll(w->v, s_size, new_size) < 0)
+        || PyObject_SetAttr(w->v, s_mtime, w->now) < 0
+        || PyObject_SetAttr(w->v, s_ctime, w->now) < 0
+        || PyObject_SetAttr(pool, s_data_dirty, Py_True) < 0;
+    if (!r && jlen == 0) {
+        /* Pool._log: when the oldest unsynced change was made. */
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        PyObject *mono = PyFloat_FromDouble((double)ts.tv_sec + ts.tv_nsec * 1e-9);
+        r = mono == NULL || PyObject_SetAttr(pool, s_first_unsynced, mono) < 0;
+        Py_XDECREF(mono);
+    }
+    if (!r) {
+        /* Pool._data_written: a writeback hint every WRITEBACK_BYTES. */
+        unflushed += BLOCK;
+        if (unflushed >= WRITEBACK_BYTES) {
+            unflushed = 0;
+            flags |= 2;
+        }
+        r = set_ll(pool, s_unflushed, unflushed) < 0;
+    }
+    if (r) {
+        lose_memory(pool);
+        return -2;
+    }
+    /* Pool._after_change: a commit or checkpoint is due. */
+    if (PyByteArray_GET_SIZE(w->jbuf) > JOURNAL_BUFFER_LIMIT
+            || PyDict_GET_SIZE(w->dirty) > DIRTY_NODE_LIMIT)
+        flags |= 1;
+    return flags;
+}
+
+PyDoc_STRVAR(write_block_doc,
+"write_block(pool, vol_id, offset, data) -> int\n\n"
+"Pool.write of one whole, non-zero block at a block-aligned ``offset`` of\n"
+"volume ``vol_id``, done in one call when it is the common case (see the\n"
+"module comment): the data is written to a free unit through ``pool.data``,\n"
+"mapped in place, counted, journaled (one R_WRITE record) and the volume's\n"
+"size and times updated, exactly as the general path would.  Returns -1\n"
+"when the case is another (nothing changed; the general path must do the\n"
+"write), else flags of what the caller still owes: 1, Pool._after_change();\n"
+"2, pool.data.start_writeback().  An exception from the data write changes\n"
+"nothing; a failure after the change began makes the pool reload (as\n"
+"Pool._Mutation does) and raises PoolError(EIO).");
+
+static PyObject *
+write_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "write_block takes 4 arguments");
+        return NULL;
+    }
+    if (!pool_constants_loaded && load_pool_constants() < 0)
+        return NULL;
+    long long offset = PyLong_AsLongLong(args[2]);
+    if (offset == -1 && PyErr_Occurred())
+        return NULL;
+    if (offset < 0 || offset % BLOCK || offset > MAX_VOLUME_SIZE - BLOCK)
+        return PyLong_FromLong(NOT_MINE);
+    Py_buffer db;
+    if (PyObject_GetBuffer(args[3], &db, PyBUF_SIMPLE) < 0)
+        return NULL;
+    long r = NOT_MINE;
+    struct wb w = {0};
+    if (db.len == BLOCK)
+        r = write_block_impl(args[0], args[1], offset, args[3], db.buf, &w);
+    wb_clear(&w);
+    PyBuffer_Release(&db);
+    return r == -2 ? NULL : PyLong_FromLong(r);
+}
+
+static PyMethodDef methods[] = {
+    {"write_block", (PyCFunction)(void (*)(void))write_block, METH_FASTCALL, write_block_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static int
+load_constant(const char *module, const char *name, long *out)
+{
+    PyObject *m = PyImport_ImportModule(module);
+    if (m == NULL)
+        return -1;
+    PyObject *v = PyObject_GetAttrString(m, name);
+    Py_DECREF(m);
+    if (v == NULL)
+        return -1;
+    *out = PyLong_AsLong(v);
+    Py_DECREF(v);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* The struct format of a cowfs.journal layout must be the one packed here. */
+static int
+check_format(const char *name, const char *expected)
+{
+    PyObject *m = PyImport_ImportModule("cowfs.journal");
+    if (m == NULL)
+        return -1;
+    PyObject *st = PyObject_GetAttrString(m, name);
+    Py_DECREF(m);
+    PyObject *fmt = st == NULL ? NULL : PyObject_GetAttrString(st, "format");
+    Py_XDECREF(st);
+    if (fmt == NULL)
+        return -1;
+    int same = PyUnicode_Check(fmt) && PyUnicode_CompareWithASCIIString(fmt, expected) == 0;
+    Py_DECREF(fmt);
+    if (!same) {
+        PyErr_Format(PyExc_ImportError, "cowfs._oneblock packs cowfs.journal.%s as %s, "
+                     "which is no longer its layout", name, expected);
+        return -1;
+    }
+    return 0;
+}
+
+static int
+intern_names(void)
+{
+    struct { PyObject **slot; const char *name; } names[] = {
+        {&s_leaf, "leaf"}, {&s_keys, "keys"}, {&s_addrs, "addrs"}, {&s_csums, "csums"},
+        {&s_slens, "slens"}, {&s_children, "children"}, {&s_closed, "closed"},
+        {&s_readonly, "readonly"}, {&s_stale, "stale"}, {&s_degraded, "degraded"},
+        {&s_replaying, "_replaying"}, {&s_datasets, "datasets"}, {&s_owner, "owner"},
+        {&s_root, "root"}, {&s_size, "size"}, {&s_mapped, "mapped"}, {&s_mtime, "mtime"},
+        {&s_ctime, "ctime"}, {&s_store, "store"}, {&s_dirty, "dirty"}, {&s_drc, "drc"},
+        {&s_mrc, "mrc"}, {&s_rc, "rc"}, {&s_pending, "pending"},
+        {&s_dirty_pages, "dirty_pages"}, {&s_free, "_free"}, {&s_cursor, "_cursor"},
+        {&s_journal, "journal"}, {&s_buf, "buf"}, {&s_pos, "pos"}, {&s_gen, "gen"},
+        {&s_seq, "seq"}, {&s_data, "data"}, {&s_pwrite, "pwrite"},
+        {&s_unflushed, "_unflushed"}, {&s_data_dirty, "_data_dirty"},
+        {&s_first_unsynced, "_first_unsynced"}, {&s_times_dirty, "times_dirty"},
+        {&s_lose_memory, "_lose_memory"}, {&s_label, "label"},
+    };
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if (!(*names[i].slot = PyUnicode_InternFromString(names[i].name)))
+            return -1;
+    return 0;
+}
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "cowfs._oneblock",
+    "The engine's one-block write in C (see write_block).", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__oneblock(void)
+{
+    if (load_constant("cowfs.format", "LEAF_CAP", &LEAF_CAP) < 0
+            || load_constant("cowfs.format", "BLOCK", &BLOCK) < 0
+            || load_constant("cowfs.format", "SECTORS_PER_BLOCK", &SECTORS_PER_BLOCK) < 0
+            || load_constant("cowfs.spacemap", "MAX_DIRECT", &MAX_DIRECT) < 0
+            || load_constant("cowfs.spacemap", "PENDING", &PENDING) < 0
+            || load_constant("cowfs.spacemap", "PAGE_SHIFT", &PAGE_SHIFT) < 0
+            || load_constant("cowfs.journal", "MAGIC", &JOURNAL_MAGIC) < 0
+            || load_constant("cowfs.journal", "R_WRITE", &R_WRITE) < 0
+            || load_constant("cowfs.journal", "HDR_SIZE", &HDR_SIZE) < 0
+            || check_format("_HDR", HDR_FORMAT) < 0
+            || check_format("WRITE_ONE", WRITE_ONE_FORMAT) < 0
+            || intern_names() < 0)
+        return NULL;
+    WRITE_ONE_SIZE = 8 + 8 + 4 + 8 + 8 + 8 + 2;
+    if (HDR_SIZE + WRITE_ONE_SIZE > RECORD_MAX) {
+        PyErr_SetString(PyExc_ImportError, "cowfs._oneblock: record buffer too small");
+        return NULL;
+    }
+    if (!(zero_block = PyMem_Calloc(1, BLOCK)))
+        return (PyObject *)PyErr_NoMemory();
+    PyObject *m = PyImport_ImportModule("xxhash");
+    xxh3 = m == NULL ? NULL : PyObject_GetAttrString(m, "xxh3_64_intdigest");
+    Py_XDECREF(m);
+    m = PyImport_ImportModule("cowfs.errors");
+    PoolError = m == NULL ? NULL : PyObject_GetAttrString(m, "PoolError");
+    Py_XDECREF(m);
+    if (xxh3 == NULL || PoolError == NULL)
+        return NULL;
+    return PyModule_Create(&moduledef);
+}
