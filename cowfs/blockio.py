@@ -44,6 +44,11 @@ class PoolFile(Protocol):
     def pread(self, length: int, offset: int) -> bytes:
         """Return exactly ``length`` bytes; bytes past the end read as zeros."""
 
+    def pread_cached(self, length: int, offset: int) -> bytes | bytearray | None:
+        """What :meth:`pread` returns, if every byte of it is in the host's
+        page cache now (read without waiting for the disk); otherwise None,
+        and on Linux the disk read has started."""
+
     def pwrite(self, data: bytes | memoryview, offset: int) -> None:
         """Write all of ``data`` at ``offset`` or raise ``OSError``."""
 
@@ -178,6 +183,7 @@ class OsFile:
         self._direct_ok = True        # False once the file system refused O_DIRECT
         self._direct_buf: mmap.mmap | None = None   # page-aligned copy of the data
         self._writeback: _WritebackThread | None = None   # started at the first hint
+        self._nowait_ok = True        # False once the kernel refused RWF_NOWAIT reads
 
     def pread(self, length: int, offset: int) -> bytes:
         data = os.pread(self.fd, length, offset)
@@ -189,6 +195,28 @@ class OsFile:
                     return data + bytes(length - len(data))
                 data += more
         return data
+
+    def pread_cached(self, length: int, offset: int) -> bytes | bytearray | None:
+        # preadv2(RWF_NOWAIT) answers EAGAIN instead of waiting for the disk,
+        # and has started the disk read (Linux 6.18 here: 199 of 199 refused
+        # 4 KiB reads were cached 2 ms later).  A kernel that did not start it
+        # costs only the overlap: the caller's blocking pread reads it then.
+        if not self._nowait_ok:
+            return self.pread(length, offset)
+        buf = bytearray(length)
+        try:
+            n = os.preadv(self.fd, (buf,), offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            n = -1
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            log.info("%s: no reads without waiting here (%s); reads wait for the disk",
+                     self.name, e.strerror)
+            self._nowait_ok = False
+            return self.pread(length, offset)
+        # Not all cached (or past the end, which pread pads): None.
+        return buf if n == length else None
 
     def pwrite(self, data: bytes | memoryview, offset: int) -> None:
         n = len(data)
@@ -349,6 +377,13 @@ class SimFile:
         chunk = bytes(self._data[offset : offset + length])
         return chunk + bytes(length - len(chunk))
 
+    def pread_cached(self, length: int, offset: int) -> bytes | None:
+        # Memory is all page cache, unless a test says otherwise.
+        if self._st.uncached:
+            self._st.uncached -= 1
+            return None
+        return self.pread(length, offset)
+
     def pwrite(self, data: bytes | memoryview, offset: int) -> None:
         data = bytes(data)
         self._st.hook("write", self.name, offset, len(data))
@@ -403,6 +438,8 @@ class SimStorage:
         self._label = label
         self._locked = False
         self.fault: Callable[[str, str, int, int], None] | None = None
+        # How many of the next pread_cached calls answer "not cached".
+        self.uncached = 0
 
     @property
     def label(self) -> str:

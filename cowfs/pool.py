@@ -137,6 +137,7 @@ class Pool(SnapshotOps):
         self.readonly = False
         self.checksum_errors = 0     # checksum mismatches seen since mount
         self.io_errors = 0           # I/O errors from the pool's files since mount
+        self.uncached_reads = 0      # reads told not to wait that found data on disk only
         self.closed = False
         self._locked = False
         self._replaying = False
@@ -501,13 +502,20 @@ class Pool(SnapshotOps):
 
     # -- data -------------------------------------------------------------------
 
-    def read(self, vol_id: int, offset: int, length: int) -> bytes | bytearray:
+    def read(self, vol_id: int, offset: int, length: int,
+             wait: bool | Callable[[], bool] = True) -> bytes | bytearray | None:
         """Bytes ``offset .. offset+length`` of a volume or snapshot, short at its end.
 
         Holes read as zeros.  A block whose checksum does not match raises
         ChecksumError (EIO) and is logged with pool, volume and offset.  The
         result is a fresh buffer the caller may keep (bytes, or a bytearray
         when that saves a copy).
+
+        With ``wait`` false, data that is not in the host's page cache is not
+        waited for: the disk read starts and the result is None (ask again to
+        get it), so that a caller serving several requests can start theirs
+        meanwhile.  A callable ``wait`` is asked at that point whether to wait
+        after all (say, when nothing else is queued).
         """
         v = self._dataset(vol_id)
         if offset < 0 or length < 0:
@@ -517,18 +525,22 @@ class Pool(SnapshotOps):
             return b""
         b0 = offset // BLOCK
         b1 = (end + BLOCK - 1) // BLOCK
-        out = self._read_blocks(v, b0, b1 - b0)
+        out = self._read_blocks(v, b0, b1 - b0, wait)
+        if out is None:
+            return None
         start = offset - b0 * BLOCK
         if start == 0 and end - offset == len(out):
             return out          # the aligned case: no copy
         return bytes(memoryview(out)[start:start + end - offset])
 
-    def _read_blocks(self, v: Dataset, b0: int, nb: int) -> bytes | bytearray:
-        """Blocks ``b0 .. b0+nb-1`` of ``v``, checksums verified."""
+    def _read_blocks(self, v: Dataset, b0: int, nb: int,
+                     wait: bool | Callable[[], bool] = True) -> bytes | bytearray | None:
+        """Blocks ``b0 .. b0+nb-1`` of ``v``, checksums verified (None: see
+        :meth:`read`)."""
         if not v.root:
             return bytearray(nb * BLOCK)
         if nb == 1:
-            return self._read_block(v, b0)
+            return self._read_block(v, b0, wait)
         ptrs = self.tree.lookup_range(v.root, b0, nb)
         out = bytearray(nb * BLOCK)
         i = 0
@@ -546,7 +558,9 @@ class Pool(SnapshotOps):
                     if q is None or q[2] != BLOCK or q[0] != sector + (j - i) * SECTORS_PER_BLOCK:
                         break
                     j += 1
-                raw = self._pread_data(v, (j - i) * BLOCK, sector)
+                raw = self._pread_data(v, (j - i) * BLOCK, sector, wait)
+                if raw is None:
+                    return None
                 mv = memoryview(raw)
                 for k in range(i, j):
                     part = mv[(k - i) * BLOCK:(k - i + 1) * BLOCK]
@@ -557,24 +571,30 @@ class Pool(SnapshotOps):
                 out[i * BLOCK:j * BLOCK] = raw
                 i = j
                 continue
-            out[i * BLOCK:(i + 1) * BLOCK] = self._load_block(v, b0 + i, sector, csum, slen)
+            blk = self._load_block(v, b0 + i, sector, csum, slen, wait)
+            if blk is None:
+                return None
+            out[i * BLOCK:(i + 1) * BLOCK] = blk
             i += 1
         return out
 
-    def _read_block(self, v: Dataset, b: int) -> bytes | bytearray:
+    def _read_block(self, v: Dataset, b: int,
+                    wait: bool | Callable[[], bool] = True) -> bytes | bytearray | None:
         """Block ``b`` of ``v`` (the 4 KiB random read, kept short)."""
         leaf, _ = self.tree.find_leaf(v.root, b)
         keys = leaf.keys
         i = bisect_left(keys, b)
         if i == len(keys) or keys[i] != b:
             return bytearray(BLOCK)
-        return self._load_block(v, b, leaf.addrs[i], leaf.csums[i], leaf.slens[i])
+        return self._load_block(v, b, leaf.addrs[i], leaf.csums[i], leaf.slens[i], wait)
 
-    def _load_block(self, v: Dataset, b: int, sector: int, csum: int,
-                    slen: int) -> bytes | bytearray:
+    def _load_block(self, v: Dataset, b: int, sector: int, csum: int, slen: int,
+                    wait: bool | Callable[[], bool] = True) -> bytes | bytearray | None:
         """Block ``b`` of ``v`` from its pointer: read, checksum verified,
-        expanded if it is stored compressed."""
-        raw = self._pread_data(v, slen, sector)
+        expanded if it is stored compressed (None: see :meth:`read`)."""
+        raw = self._pread_data(v, slen, sector, wait)
+        if raw is None:
+            return None
         if checksum(raw) != csum:
             self._bad_block(v, b, sector)
         if slen == BLOCK:
@@ -584,8 +604,16 @@ class Pool(SnapshotOps):
         except lz4.block.LZ4BlockError:
             self._bad_block(v, b, sector)
 
-    def _pread_data(self, v: Dataset, length: int, sector: int) -> bytes:
+    def _pread_data(self, v: Dataset, length: int, sector: int,
+                    wait: bool | Callable[[], bool] = True) -> bytes | bytearray | None:
         try:
+            if wait is not True:
+                raw = self.data.pread_cached(length, sector * SECTOR)
+                if raw is not None:
+                    return raw
+                self.uncached_reads += 1
+                if wait is False or not wait():
+                    return None
             return self.data.pread(length, sector * SECTOR)
         except OSError as e:
             raise self._io_error(e, f"reading {v.label} (data sector {sector})") from None

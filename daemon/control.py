@@ -499,10 +499,13 @@ def cancel_scrub(pool: Pool, current: ScrubJob | None) -> ScrubJob:
     return current
 
 
-def pool_status(pool: Pool, scrub: ScrubJob | None, mounted_ns: int) -> bytes:
+def pool_status(pool: Pool, scrub: ScrubJob | None, mounted_ns: int,
+                overlapped_reads: int) -> bytes:
     """The content of ``.pool/status``: one JSON object and a newline with the
     pool's directory, its volume and snapshot counts, the checksum and I/O
-    errors seen since it was mounted (at ``mounted_ns``), its state
+    errors seen since it was mounted (at ``mounted_ns``), how many reads
+    since then found their data on the disk only (not in the host's page
+    cache) and how many of those let queued requests start first, its state
     (``serving``; ``reloading`` while a failed operation's half-made change
     waits to be replaced by the durable state; ``read-only`` after lost
     unsynced changes) with the reason, and the current or last scrub (None
@@ -521,6 +524,7 @@ def pool_status(pool: Pool, scrub: ScrubJob | None, mounted_ns: int) -> bytes:
         "snapshots": snapshots,
         "checksum_errors": pool.checksum_errors,
         "io_errors": pool.io_errors,
+        "reads": {"uncached": pool.uncached_reads, "overlapped": overlapped_reads},
         "state": ("read-only" if pool.degraded else "reloading" if pool.stale
                   else "serving"),
         "reason": pool.degraded or pool.stale,

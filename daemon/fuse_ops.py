@@ -59,6 +59,7 @@ import itertools
 import logging
 import math
 import os
+import select
 import stat
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -370,6 +371,11 @@ class VolumeOps(pyfuse3.Operations):
     def __init__(self, pool: Pool) -> None:
         super().__init__()
         self.pool = pool
+        # Whether the kernel has more requests queued for this mount; set by
+        # start_session (without it, assume so).
+        self.requests_waiting: Callable[[], bool] = lambda: True
+        self._alone = lambda: not self.requests_waiting()
+        self._overlapped_reads = 0    # reads that let queued requests go first
         self._root_uid = os.getuid()
         self._root_gid = os.getgid()
         # Directory times are not stored in the pool: they start at mount
@@ -418,7 +424,8 @@ class VolumeOps(pyfuse3.Operations):
                       ctime_ns=self._control_mtime_ns)
 
     def _pool_status(self) -> bytes:
-        return control.pool_status(self.pool, self._scrub, self._mounted_ns)
+        return control.pool_status(self.pool, self._scrub, self._mounted_ns,
+                                   self._overlapped_reads)
 
     def _pool_status_attrs(self, content: bytes) -> pyfuse3.EntryAttributes:
         # Counters and scrub progress change all the time: no caching.
@@ -1038,7 +1045,21 @@ class VolumeOps(pyfuse3.Operations):
         if isinstance(handle, _DataHandle):
             # The hot path: no context manager (see _still_present).
             try:
-                return self.pool.read(handle.ds_id, off, size)
+                # Data not in the host's page cache is waited for only when
+                # no other request is queued (None otherwise): yielding would
+                # only cost then, as the worker pyfuse3 starts meanwhile would
+                # run before the reply rather than after it (8% fewer reads
+                # at depth 1).
+                data = self.pool.read(handle.ds_id, off, size, wait=self._alone)
+                if data is None:
+                    # Its disk read has started: let the queued requests start
+                    # theirs before this one waits, so that the disk serves
+                    # them together (4 KiB random reads at queue depth 16 were
+                    # served one at a time).
+                    self._overlapped_reads += 1
+                    await trio.lowlevel.checkpoint()
+                    data = self.pool.read(handle.ds_id, off, size)
+                return data
             except PoolError as err:
                 raise _stale_if_gone(err, handle.ds_id) from None
         if isinstance(handle, _CtlHandle):
@@ -1190,6 +1211,28 @@ def start_session(ops: VolumeOps, mountpoint: str, options: Iterable[str]) -> No
     cannot create the session or mount (libfuse prints its reason to stderr).
     """
     pyfuse3.init(ops, mountpoint, set(options))
+    fd = _fuse_device_fd()
+    if fd is not None:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        ops.requests_waiting = lambda: bool(poller.poll(0))
+
+
+def _fuse_device_fd() -> int | None:
+    """The descriptor of /dev/fuse the session reads requests from, if it is
+    the process's only one (pyfuse3 does not expose it)."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                found.append(int(name))
+        except OSError:
+            continue        # closed meanwhile (the listing's own descriptor)
+    if len(found) != 1:
+        log.info("%d descriptors of /dev/fuse open; reads that miss the page cache "
+                 "always let queued requests go first", len(found))
+        return None
+    return found[0]
 
 
 async def serve_requests() -> None:

@@ -146,3 +146,46 @@ def test_writeback_hint_does_not_wait_and_close_waits_for_it(
     assert 1 <= len(calls) <= 2, calls
     assert all(flags == 2 and still_open for flags, still_open in calls), calls
     assert not [t for t in threading.enumerate() if t.name.startswith("writeback ")]
+
+
+def drop_cache(f: blockio.OsFile) -> None:
+    """Write the file's dirty pages and drop its clean ones from the page cache."""
+    f.sync()
+    os.posix_fadvise(f.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def test_pread_cached_answers_none_for_uncached_data_and_starts_it(tmp_path: Path) -> None:
+    """Proves: data in the page cache comes back at once; data not in it
+    gives None, and (on Linux) its disk read has started, so it is soon
+    cached without anyone waiting for it.  Where RWF_NOWAIT is refused, reads
+    simply wait."""
+    f = OsStorage(str(tmp_path)).open("data", create=True)
+    payload = random.Random(6).randbytes(16 * PAGE)
+    f.pwrite(payload, 0)
+    assert f.pread_cached(PAGE, 3 * PAGE) == payload[3 * PAGE:4 * PAGE]
+    drop_cache(f)
+    assert f.pread_cached(PAGE, 5 * PAGE) is None
+    for _ in range(2000):
+        got = f.pread_cached(PAGE, 5 * PAGE)
+        if got is not None:
+            break
+        threading.Event().wait(0.001)
+    assert got == payload[5 * PAGE:6 * PAGE], "the refused read was never started"
+    assert f.pread(2 * PAGE, 7 * PAGE) == payload[7 * PAGE:9 * PAGE]
+
+
+def test_pread_cached_without_nowait_support_waits(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    f = OsStorage(str(tmp_path)).open("data", create=True)
+    f.pwrite(b"x" * PAGE, 0)
+    drop_cache(f)
+    calls = []
+
+    def refuse(*args):
+        calls.append(args)
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(blockio.os, "preadv", refuse)
+    assert f.pread_cached(PAGE, 0) == b"x" * PAGE
+    assert f.pread_cached(PAGE, 0) == b"x" * PAGE
+    assert len(calls) == 1, "asked again after the kernel refused"
