@@ -46,6 +46,9 @@ class DataRefs(Protocol):
     def take(self, sector: int, slen: int) -> None:
         """One more leaf pointer touches the units of this stored block."""
 
+    def take_all(self, sectors: array, slens: array) -> None:
+        """:meth:`take` for each pointer of a leaf (one that was copied)."""
+
     def drop(self, sector: int, slen: int) -> None:
         """One leaf pointer to this stored block went away."""
 
@@ -271,9 +274,7 @@ class Tree:
         store.place(copy)
         store.mrc.decref(addr)
         if node.leaf:
-            take = self.refs.take
-            for a, s in zip(node.addrs, node.slens):
-                take(a, s)
+            self.refs.take_all(node.addrs, node.slens)
         else:
             for c in node.children:
                 store.mrc.incref(c)

@@ -1311,6 +1311,16 @@ class Pool(SnapshotOps):
         for u in units_of(sector, slen):
             self.drc.incref(u)
 
+    def take_all(self, sectors: array, slens: array) -> None:
+        """:meth:`take` for each pointer of a copied leaf, in one pass."""
+        units: list[int] = []
+        for a, s in zip(sectors, slens):
+            if s == BLOCK and not a % SECTORS_PER_BLOCK:
+                units.append(a // SECTORS_PER_BLOCK)     # a raw block: one unit
+            else:
+                units.extend(units_of(a, s))
+        self.drc.incref_many(units)
+
     def drop(self, sector: int, slen: int) -> None:
         """A leaf pointer to this stored block went away."""
         if slen == BLOCK and not sector % SECTORS_PER_BLOCK:

@@ -78,3 +78,29 @@ def test_free_units_counts_again_after_a_direct_change() -> None:
     assert t.free_units() == 1000
     t.recount_free()
     assert t.free_units() == 5
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([0, 1, 2, 7, PAGE_UNITS + 3, 2 * PAGE_UNITS]), max_size=60),
+       st.lists(st.sampled_from([0, 1, MAX_DIRECT - 1, MAX_DIRECT, RESERVED]), min_size=4,
+                max_size=4))
+def test_incref_many_is_incref_in_turn(units: list[int], starts: list[int]) -> None:
+    """Proves: incref_many leaves counts, overflow, free count and dirty
+    pages exactly as incref of each unit in turn, from every kind of start
+    (free, reserved, small, about to overflow, overflowing)."""
+    tables = []
+    for _ in range(2):
+        t = RefTable(2 * PAGE_UNITS + 1)
+        for u, v in zip((0, 1, 7, PAGE_UNITS + 3), starts):
+            if v == RESERVED:
+                t.set_marker(u, RESERVED)
+            for _ in range(v if v != RESERVED else 0):
+                t.incref(u)
+        t.dirty_pages.clear()
+        tables.append(t)
+    one, many = tables
+    for u in units:
+        one.incref(u)
+    many.incref_many(units)
+    assert (many.rc, many.overflow, many.free_units(), many.dirty_pages) == \
+        (one.rc, one.overflow, one.free_units(), one.dirty_pages)
