@@ -92,8 +92,9 @@ class RefTable:
         self.dirty_pages.add(unit >> PAGE_SHIFT)
 
     def incref_many(self, units: Iterable[int]) -> None:
-        """:meth:`incref` of each unit in turn (the pointers of a copied leaf:
-        about 157 at a time, each call of incref a third of the cost)."""
+        """:meth:`incref` of each unit in turn: the pointers of a copied leaf,
+        about 157 at a time, with the usual case (a count already in the
+        byte) done inline rather than in a call per unit."""
         rc = self.rc
         pages = self.dirty_pages
         for u in units:
