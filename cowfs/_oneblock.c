@@ -28,9 +28,9 @@
 #include <time.h>
 
 /* Read from cowfs.format, cowfs.spacemap and cowfs.journal at import. */
-static long LEAF_CAP, MAX_DIRECT, PENDING, PAGE_SHIFT;
-static long BLOCK, SECTORS_PER_BLOCK;
-static long JOURNAL_MAGIC, R_WRITE, HDR_SIZE, WRITE_ONE_SIZE;
+static long long LEAF_CAP, MAX_DIRECT, PENDING, PAGE_SHIFT;
+static long long BLOCK, SECTORS_PER_BLOCK;
+static long long JOURNAL_MAGIC, R_WRITE, HDR_SIZE, WRITE_ONE_SIZE;
 
 /* cowfs.pool's, read at the first write_block() call: cowfs.pool imports
  * this module (through cowfs.btree), so it cannot be imported from here at
@@ -348,32 +348,53 @@ attr_set(PyObject *obj, PyObject *name, int is_none)
     return r;
 }
 
+/* module.name, a new reference, or NULL with an error set. */
+static PyObject *
+module_attr(const char *module, const char *name)
+{
+    PyObject *m = PyImport_ImportModule(module);
+    if (m == NULL)
+        return NULL;
+    PyObject *v = PyObject_GetAttrString(m, name);
+    Py_DECREF(m);
+    return v;
+}
+
+/* An int constant of a module; -1 on failure. */
+static int
+load_constant(const char *module, const char *name, long long *out)
+{
+    PyObject *v = module_attr(module, name);
+    if (v == NULL)
+        return -1;
+    *out = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
 static int
 load_pool_constants(void)
 {
-    PyObject *m = PyImport_ImportModule("cowfs.pool");
-    if (m == NULL)
+    if (load_constant("cowfs.pool", "MAX_VOLUME_SIZE", &MAX_VOLUME_SIZE) < 0
+            || load_constant("cowfs.pool", "META_RESERVE_UNITS", &META_RESERVE_UNITS) < 0
+            || load_constant("cowfs.pool", "JOURNAL_BUFFER_LIMIT", &JOURNAL_BUFFER_LIMIT) < 0
+            || load_constant("cowfs.pool", "DIRTY_NODE_LIMIT", &DIRTY_NODE_LIMIT) < 0
+            || load_constant("cowfs.pool", "WRITEBACK_BYTES", &WRITEBACK_BYTES) < 0)
         return -1;
-    const char *names[] = {"MAX_VOLUME_SIZE", "META_RESERVE_UNITS", "JOURNAL_BUFFER_LIMIT",
-                           "DIRTY_NODE_LIMIT", "WRITEBACK_BYTES"};
-    long long *out[] = {&MAX_VOLUME_SIZE, &META_RESERVE_UNITS, &JOURNAL_BUFFER_LIMIT,
-                        &DIRTY_NODE_LIMIT, &WRITEBACK_BYTES};
-    for (int i = 0; i < 5; i++) {
-        PyObject *v = PyObject_GetAttrString(m, names[i]);
-        if (v == NULL) {
-            Py_DECREF(m);
-            return -1;
-        }
-        *out[i] = PyLong_AsLongLong(v);
-        Py_DECREF(v);
-        if (*out[i] == -1 && PyErr_Occurred()) {
-            Py_DECREF(m);
-            return -1;
-        }
-    }
-    Py_DECREF(m);
     pool_constants_loaded = 1;
     return 0;
+}
+
+/* The format's checksum (xxh3, 64 bits) of a bytes-like object; -1 on failure. */
+static int
+checksum_of(PyObject *buf, uint64_t *out)
+{
+    PyObject *v = PyObject_CallOneArg(xxh3, buf);
+    if (v == NULL)
+        return -1;
+    *out = PyLong_AsUnsignedLongLong(v);
+    Py_DECREF(v);
+    return (*out == (uint64_t)-1 && PyErr_Occurred()) ? -1 : 0;
 }
 
 /* What the general path's Pool._Mutation does when a change fails half way:
@@ -410,7 +431,7 @@ lose_memory(PyObject *pool)
 /* The objects one write_block() call works on; all released at the end. */
 struct wb {
     PyObject *v, *store, *dirty, *drc, *mrc, *drc_rc, *mrc_rc, *pending, *drc_pages;
-    PyObject *mrc_pages, *journal, *jbuf, *file, *csum_obj, *leaf, *now;
+    PyObject *mrc_pages, *journal, *jbuf, *file, *leaf, *now;
 };
 
 static void
@@ -512,10 +533,8 @@ write_block_impl(PyObject *pool, PyObject *vol_id, long long offset, PyObject *d
     uint64_t unit = hit - drc;
     uint64_t sector = unit * SECTORS_PER_BLOCK;
 
-    if (!(w->csum_obj = PyObject_CallOneArg(xxh3, data)))
-        return -2;
-    uint64_t csum = PyLong_AsUnsignedLongLong(w->csum_obj);
-    if (csum == (uint64_t)-1 && PyErr_Occurred())
+    uint64_t csum;
+    if (checksum_of(data, &csum) < 0)
         return -2;
 
     /* The data, through the pool file's own interface (tests put crash and
@@ -572,13 +591,10 @@ write_block_impl(PyObject *pool, PyObject *vol_id, long long offset, PyObject *d
     p = put_le(p, csum, 8);
     p = put_le(p, BLOCK, 2);
     PyObject *view = PyMemoryView_FromMemory((char *)rec, p - rec, PyBUF_READ);
-    PyObject *rc_obj = view == NULL ? NULL : PyObject_CallOneArg(xxh3, view);
+    uint64_t record_csum;
+    r = view == NULL || checksum_of(view, &record_csum) < 0;
     Py_XDECREF(view);
-    if (rc_obj == NULL)
-        return -2;
-    uint64_t record_csum = PyLong_AsUnsignedLongLong(rc_obj);
-    Py_DECREF(rc_obj);
-    if (record_csum == (uint64_t)-1 && PyErr_Occurred())
+    if (r)
         return -2;
     put_le(rec_csum, record_csum, 8);
 
@@ -693,30 +709,11 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static int
-load_constant(const char *module, const char *name, long *out)
-{
-    PyObject *m = PyImport_ImportModule(module);
-    if (m == NULL)
-        return -1;
-    PyObject *v = PyObject_GetAttrString(m, name);
-    Py_DECREF(m);
-    if (v == NULL)
-        return -1;
-    *out = PyLong_AsLong(v);
-    Py_DECREF(v);
-    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
-}
-
 /* The struct format of a cowfs.journal layout must be the one packed here. */
 static int
 check_format(const char *name, const char *expected)
 {
-    PyObject *m = PyImport_ImportModule("cowfs.journal");
-    if (m == NULL)
-        return -1;
-    PyObject *st = PyObject_GetAttrString(m, name);
-    Py_DECREF(m);
+    PyObject *st = module_attr("cowfs.journal", name);
     PyObject *fmt = st == NULL ? NULL : PyObject_GetAttrString(st, "format");
     Py_XDECREF(st);
     if (fmt == NULL)
@@ -783,13 +780,8 @@ PyInit__oneblock(void)
     }
     if (!(zero_block = PyMem_Calloc(1, BLOCK)))
         return (PyObject *)PyErr_NoMemory();
-    PyObject *m = PyImport_ImportModule("xxhash");
-    xxh3 = m == NULL ? NULL : PyObject_GetAttrString(m, "xxh3_64_intdigest");
-    Py_XDECREF(m);
-    m = PyImport_ImportModule("cowfs.errors");
-    PoolError = m == NULL ? NULL : PyObject_GetAttrString(m, "PoolError");
-    Py_XDECREF(m);
-    if (xxh3 == NULL || PoolError == NULL)
+    if (!(xxh3 = module_attr("xxhash", "xxh3_64_intdigest"))
+            || !(PoolError = module_attr("cowfs.errors", "PoolError")))
         return NULL;
     return PyModule_Create(&moduledef);
 }

@@ -371,10 +371,9 @@ class VolumeOps(pyfuse3.Operations):
     def __init__(self, pool: Pool) -> None:
         super().__init__()
         self.pool = pool
-        # Whether the kernel has more requests queued for this mount; set by
-        # start_session (without it, assume so).
-        self.requests_waiting: Callable[[], bool] = lambda: True
-        self._alone = lambda: not self.requests_waiting()
+        # Whether no more requests are queued for this mount now; set by
+        # start_session (without it, assume some are).
+        self.queue_empty: Callable[[], bool] = lambda: False
         self._overlapped_reads = 0    # reads that let queued requests go first
         self._root_uid = os.getuid()
         self._root_gid = os.getgid()
@@ -1050,7 +1049,7 @@ class VolumeOps(pyfuse3.Operations):
                 # only cost then, as the worker pyfuse3 starts meanwhile would
                 # run before the reply rather than after it (8% fewer reads
                 # at depth 1).
-                data = self.pool.read(handle.ds_id, off, size, wait=self._alone)
+                data = self.pool.read(handle.ds_id, off, size, wait=self.queue_empty)
                 if data is None:
                     # Its disk read has started: let the queued requests start
                     # theirs before this one waits, so that the disk serves
@@ -1215,7 +1214,7 @@ def start_session(ops: VolumeOps, mountpoint: str, options: Iterable[str]) -> No
     if fd is not None:
         poller = select.poll()
         poller.register(fd, select.POLLIN)
-        ops.requests_waiting = lambda: bool(poller.poll(0))
+        ops.queue_empty = lambda: not poller.poll(0)
 
 
 def _fuse_device_fd() -> int | None:
