@@ -67,10 +67,11 @@ and the ceiling are children of this process.  A plain file has no daemon
 (``n/a``).
 
 Results go to ``--dir``, named after the run: ``.md`` (the tables printed on
-stdout), ``.json`` (every sample with fio's whole report) and ``.png`` (a
-chart of the cowfs/ceiling and cowfs/qcow2 ratios; only if matplotlib can be
-imported).  Every mount, loop device and daemon started is stopped at the
-end, even after an error or Ctrl-C.
+stdout, ending with the issue's targets, each marked met or not met),
+``.json`` (every sample with fio's whole report) and ``.png`` (a chart of the
+cowfs/ceiling and cowfs/qcow2 ratios; only if matplotlib can be imported).
+Every mount, loop device and daemon started is stopped at the end, even after
+an error or Ctrl-C.
 
 O_DIRECT is used wherever the target accepts it.  If the kernel refuses it on
 a file (EINVAL, found during the fill), that target falls back to buffered
@@ -705,6 +706,92 @@ def pinned_table(bench: Bench) -> str:
     return markdown(head, body)
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """One target of the performance issue checked against this run:
+    ``value`` (a ratio, or MiB/s for the throughput floors) against
+    ``bound``; ``at_most`` for the pinned CPU ratio, where lower is better."""
+
+    target: str
+    measure: str
+    value: float
+    bound: float
+    at_most: bool = False
+    unit: str = "ratio"  # or "MiB/s"
+
+    @property
+    def met(self) -> bool:
+        """Whether ``value`` is on the right side of ``bound`` (the bound
+        itself counts as met)."""
+        return meets(self.value, self.bound, self.at_most)
+
+
+def meets(value: float, bound: float, at_most: bool = False) -> bool:
+    """Whether ``value`` meets a target of ``>= bound`` (``<= bound`` if
+    ``at_most``).  Exact: 0.897 does not meet 0.9, however it is printed."""
+    return value <= bound if at_most else value >= bound
+
+
+# The issue's targets for this benchmark, checked by verdicts(): every queue-depth-1 profile (the first fill included) >= 0.9 of the
+# ceiling, every queue-depth-16 profile >= 0.75 of it; 4 KiB random writes at
+# depth 1 >= 1.1 of qcow2; 4 KiB random reads at depth 1 >= 1.0 of qcow2 on
+# the file and >= 0.9 of it through each loop mode; sequential profiles >= 500
+# MiB/s on the file and through loop --direct-io=on.  The pinned pass adds
+# cowfs's CPU per request <= 1.5x the ceiling's.
+SEQ_FLOOR_MIB = 500.0
+PINNED_CPU_BOUND = 1.5
+
+
+def verdicts(table_rows: Sequence[Row], pinned: Sequence[Sample]) -> list[Verdict]:
+    """Every target of the issue that this run measured, checked; a target
+    whose figures are missing (a peer, access or profile left out) is not
+    listed rather than guessed."""
+    depth = {p.name: p.iodepth for p in (*PROFILES, FILL)}
+    out: list[Verdict] = []
+
+    def add(target: str, row: Row, value: float | None, bound: float, unit: str = "ratio") -> None:
+        if value is not None:
+            out.append(Verdict(target, f"{row.access} {row.profile}", value, bound, unit=unit))
+
+    for r in table_rows:
+        qd1 = depth.get(r.profile) == 1
+        add("cowfs/ceiling, queue depth 1" if qd1 else "cowfs/ceiling, queue depth 16",
+            r, r.ratio("ceiling"), 0.9 if qd1 else 0.75)
+        if r.profile == "rand-write-4K":
+            add("cowfs/qcow2, 4K random writes", r, r.ratio("qcow2"), 1.1)
+        if r.profile == "rand-read-4K":
+            add("cowfs/qcow2, 4K random reads", r, r.ratio("qcow2"), 1.0 if r.access == "file" else 0.9)
+        if r.metric == "bw" and r.access in ("file", "loop-dio") and "cowfs" in r.medians:
+            add("sequential MiB/s", r, r.medians["cowfs"] / MiB, SEQ_FLOOR_MIB, "MiB/s")
+    for name in PINNED_PROFILES:
+        by_kind = {s.kind: s.daemon_us_per_io for s in pinned if s.profile == name}
+        mine, theirs = by_kind.get("cowfs"), by_kind.get("ceiling")
+        if mine is not None and theirs:
+            out.append(Verdict("pinned CPU per request, cowfs/ceiling", f"file {name}",
+                               mine / theirs, PINNED_CPU_BOUND, at_most=True))
+    return out
+
+
+def _shown(v: Verdict) -> str:
+    """``v.value`` (ratios with three decimals, MiB/s with none), with as
+    many more as it takes for a figure that misses its bound not to print
+    as the bound itself."""
+    for digits in range(3 if v.unit == "ratio" else 0, 7):
+        text = f"{v.value:.{digits}f}"
+        if v.met or float(text) != v.bound:
+            return text
+    return repr(v.value)
+
+
+def targets_table(found: Sequence[Verdict]) -> str:
+    """The checked targets as a markdown table, and how many are met."""
+    body = [[v.target, v.measure, _shown(v), f"{'<=' if v.at_most else '>='} {v.bound:g}",
+             "met" if v.met else "**not met**"] for v in found]
+    met = sum(v.met for v in found)
+    return (markdown(["target", "measure", "cowfs", "bound", "verdict"], body)
+            + f"\n\n{met} of {len(found)} targets met in this run.")
+
+
 def summary(bench: Bench, fio_version: str) -> str:
     """Tables plus the conditions they were measured under."""
     a = bench.args
@@ -722,6 +809,10 @@ def summary(bench: Bench, fio_version: str) -> str:
         out += ["", f"Pinned pass: fio and each daemon on CPU {bench.pin_cpu}, one {a.runtime} s run "
                 "each, reads after a sequential read of the file (warm host page cache); "
                 "us/req = the daemon's CPU time (user + system) per I/O", "", pinned_table(bench)]
+    found = verdicts(rows(bench), bench.pinned)
+    if found:
+        out += ["", "Targets of the performance issue (ratios as in the tables above; the "
+                "sequential floors in MiB/s):", "", targets_table(found)]
     return "\n".join(out)
 
 
@@ -789,6 +880,26 @@ def save(bench: Bench, started: str, fio_version: str) -> Path:
     return path
 
 
+def load(path: Path) -> tuple[Bench, str]:
+    """A finished run as :func:`save` wrote it, ready for :func:`summary`,
+    and its fio version.  Raises BenchError if the file is not such a run."""
+    try:
+        doc = json.loads(path.read_text())
+        args = argparse.Namespace(**doc["args"])
+        args.dir = Path(args.dir)
+        args.profiles = tuple(p for p in PROFILES if p.name in doc["args"]["profiles"])
+        bench = Bench(args, path.with_suffix(""))
+        bench.cache_drops = doc["page_cache_dropped"]
+        bench.pin_cpu = doc["pinned_cpu"]
+        bench.targets = {(t["kind"], t["access"]): Target(**t) for t in doc["targets"]}
+        bench.fills = [Sample(**s) for s in doc["fills"]]
+        bench.samples = [Sample(**s) for s in doc["samples"]]
+        bench.pinned = [Sample(**s) for s in doc["pinned"]]
+        return bench, doc["fio_version"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise BenchError(f"{path}: not the raw results of a bench run ({e!r})") from None
+
+
 def report(bench: Bench, fio_version: str) -> None:
     """Print the summary and save it as markdown, with the chart beside it."""
     text = summary(bench, fio_version)
@@ -826,6 +937,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--compress-percentage", type=int, metavar="PCT",
                    help="make written data about PCT%% compressible (fio buffer_compress_percentage); "
                         "default: incompressible")
+    p.add_argument("--report", type=Path, metavar="JSON",
+                   help="run nothing: print the tables of a finished run again from its .json "
+                        "(with the targets checked by this version)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every command")
     args = p.parse_args(argv)
     if args.runtime < 1 or args.reps < 1:
@@ -854,6 +968,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    if args.report is not None:
+        try:
+            print(summary(*load(args.report)))
+        except BenchError as e:
+            log.error("%s", e)
+            return 1
+        return 0
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     try:
         check_prerequisites(args)

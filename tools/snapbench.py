@@ -77,7 +77,7 @@ from typing import Any, Sequence
 
 from cowfs_daemon.server import unescape_mountinfo
 from cowfs_tools.bench import (DAEMON_EXIT_TIMEOUT, BenchError, cowfs_command, cowfs_daemon_pid,
-                               make_file, parse_size, run, wait_for_daemon)
+                               make_file, meets, parse_size, run, wait_for_daemon)
 from cowfs_tools.peers import PeerError, Qcow2Export
 from cowfs_tools.procs import running
 from cowfs_tools.signals import Interrupted, signals_raise
@@ -670,7 +670,7 @@ class Row:
         if self.target is None or self.cowfs is None:
             return ""
         op, bound = self.target
-        return "met" if (self.cowfs <= bound if op == "<=" else self.cowfs >= bound) else "**not met**"
+        return "met" if meets(self.cowfs, bound, at_most=op == "<=") else "**not met**"
 
     def line(self) -> str:
         """The markdown table row."""

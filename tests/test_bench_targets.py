@@ -1,0 +1,154 @@
+"""The targets table of ``tools/bench.py``: every target of the performance
+issue that a run measured is checked against the right peer and bound, a
+target whose figures are missing is left out rather than guessed, and a
+figure just under its bound is "not met" and prints as such.  A saved run
+prints the same tables again (``--report``).
+
+Pure functions over synthetic samples: no fio, no mount.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from cowfs_tools.bench import (ACCESSES, FILL, KINDS, MiB, PINNED_PROFILES, PROFILES, Bench,
+                               BenchError, Sample, Target, Verdict, load, main, meets, rows, save,
+                               summary, targets_table, verdicts)
+
+
+def _sample(kind: str, access: str, profile: str, value: float, metric: str,
+            us: float | None = None) -> Sample:
+    return Sample(kind, access, profile, 1, True, bw_bytes=value if metric == "bw" else 0.0,
+                  iops=value if metric == "iops" else 0.0, ios=1000, fio={}, daemon_us_per_io=us)
+
+
+def _bench(kinds: tuple[str, ...], figure) -> Bench:
+    """A finished run of every access and profile where ``figure(kind,
+    access, profile)`` gives each median (one repetition)."""
+    args = argparse.Namespace(kinds=kinds, accesses=ACCESSES, profiles=PROFILES, reps=1,
+                              size=1 << 30, runtime=6, dir=Path("/nonexistent"))
+    bench = Bench(args, Path("/nonexistent/run-test"))
+    bench.fills = [_sample(k, "file", FILL.name, figure(k, "file", FILL.name), "bw") for k in kinds]
+    bench.samples = [_sample(k, a, p.name, figure(k, a, p.name), p.metric)
+                     for a in ACCESSES for p in PROFILES for k in kinds]
+    return bench
+
+
+def _peer_figure(kind: str, access: str, profile: str) -> float:
+    # Peers at 1000 MiB/s or 10000 IOPS; cowfs set per test through _COWFS.
+    base = 1000.0 * MiB if "1M" in profile else 10000.0
+    return base * _COWFS.get((kind, access, profile), 1.0)
+
+
+_COWFS: dict[tuple[str, str, str], float] = {}
+
+
+def _by(found: list[Verdict]) -> dict[tuple[str, str], Verdict]:
+    return {(v.target, v.measure): v for v in found}
+
+
+def test_every_target_is_checked_once_with_its_bound() -> None:
+    _COWFS.clear()
+    bench = _bench(KINDS, _peer_figure)
+    found = verdicts(rows(bench), [])
+    # 19 rows against the ceiling (18 profiles + the fill), qcow2 writes and
+    # reads in 3 accesses, sequential floors: 3 on the file, 2 on loop-dio.
+    assert len(found) == 19 + 6 + 5
+    by = _by(found)
+    assert by[("cowfs/ceiling, queue depth 1", "loop rand-read-4K")].bound == 0.9
+    assert by[("cowfs/ceiling, queue depth 1", "file first-fill-1M")].bound == 0.9
+    assert by[("cowfs/ceiling, queue depth 16", "loop-dio rand-write-4K-QD16")].bound == 0.75
+    assert by[("cowfs/qcow2, 4K random writes", "loop rand-write-4K")].bound == 1.1
+    assert by[("cowfs/qcow2, 4K random reads", "file rand-read-4K")].bound == 1.0
+    assert by[("cowfs/qcow2, 4K random reads", "loop-dio rand-read-4K")].bound == 0.9
+    floors = {v.measure for v in found if v.target == "sequential MiB/s"}
+    assert floors == {"file first-fill-1M", "file seq-write-1M", "file seq-read-1M",
+                      "loop-dio seq-write-1M", "loop-dio seq-read-1M"}
+    # Every peer equal to cowfs: ratios 1.0, floors 1000 MiB/s.
+    assert all(v.value == 1.0 for v in found if v.target != "sequential MiB/s")
+    assert all(v.value == 1000.0 for v in found if v.target == "sequential MiB/s")
+    assert not by[("cowfs/qcow2, 4K random writes", "file rand-write-4K")].met
+    assert by[("cowfs/qcow2, 4K random reads", "file rand-read-4K")].met
+
+
+def test_a_figure_at_the_bound_meets_it_and_one_just_under_does_not() -> None:
+    _COWFS.clear()
+    _COWFS[("cowfs", "file", "rand-write-4K-QD16")] = 0.75
+    _COWFS[("cowfs", "loop", "rand-write-4K-QD16")] = 0.7499
+    _COWFS[("cowfs", "file", "seq-read-1M")] = 0.5
+    _COWFS[("cowfs", "loop-dio", "seq-read-1M")] = 0.4999
+    by = _by(verdicts(rows(_bench(KINDS, _peer_figure)), []))
+    assert by[("cowfs/ceiling, queue depth 16", "file rand-write-4K-QD16")].met
+    assert not by[("cowfs/ceiling, queue depth 16", "loop rand-write-4K-QD16")].met
+    assert by[("sequential MiB/s", "file seq-read-1M")].met
+    assert not by[("sequential MiB/s", "loop-dio seq-read-1M")].met
+    # The miss prints as a miss, not as the bound rounded.
+    line = next(l for l in targets_table([by[("cowfs/ceiling, queue depth 16",
+                                                 "loop rand-write-4K-QD16")]]).splitlines()
+                if "loop rand-write-4K-QD16" in l)
+    assert "0.7499" in line and "**not met**" in line
+
+
+def test_pinned_cpu_is_an_upper_bound() -> None:
+    pinned = [_sample("cowfs", "file", PINNED_PROFILES[0], 1, "iops", us=24.0),
+              _sample("ceiling", "file", PINNED_PROFILES[0], 1, "iops", us=16.0),
+              _sample("cowfs", "file", PINNED_PROFILES[1], 1, "iops", us=24.1),
+              _sample("ceiling", "file", PINNED_PROFILES[1], 1, "iops", us=16.0),
+              _sample("plain", "file", PINNED_PROFILES[1], 1, "iops", us=None)]
+    found = verdicts([], pinned)
+    assert [(v.measure, v.at_most, v.met) for v in found] == [
+        (f"file {PINNED_PROFILES[0]}", True, True), (f"file {PINNED_PROFILES[1]}", True, False)]
+    assert meets(1.5, 1.5, at_most=True) and not meets(1.51, 1.5, at_most=True)
+
+
+def test_targets_without_their_peer_are_left_out() -> None:
+    _COWFS.clear()
+    bench = _bench(("cowfs", "plain"), _peer_figure)
+    found = verdicts(rows(bench), [_sample("cowfs", "file", PINNED_PROFILES[0], 1, "iops", us=20.0)])
+    # No ceiling and no qcow2: only the sequential floors remain.
+    assert {v.target for v in found} == {"sequential MiB/s"}
+    assert len(found) == 5
+
+
+def test_summary_ends_with_the_targets_and_the_count_met() -> None:
+    _COWFS.clear()
+    _COWFS[("cowfs", "file", "rand-read-4K")] = 0.5
+    bench = _bench(KINDS, _peer_figure)
+    text = summary(bench, "fio-test")
+    tail = text.split("Targets of the performance issue", 1)[1]
+    assert "| cowfs/ceiling, queue depth 1 | file rand-read-4K | 0.500 | >= 0.9 | **not met** |" in tail
+    # Misses: file rand-read vs ceiling and vs qcow2, and the three qcow2
+    # write targets (peers equal to cowfs: 1.0 < 1.1).
+    assert tail.rstrip().endswith("25 of 30 targets met in this run.")
+
+
+def test_a_saved_run_reports_the_same_tables(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _COWFS.clear()
+    _COWFS[("cowfs", "loop", "rand-write-4K")] = 0.8
+    bench = _bench(KINDS, _peer_figure)
+    bench.args.dir, bench.tmp = tmp_path, tmp_path / "run-test"
+    bench.targets[("cowfs", "file")] = Target("cowfs", "file", "/mnt/bench.img", 1 << 30)
+    bench.pinned = [_sample(k, "file", name, 30000, "iops", us=None if k == "plain" else us)
+                    for name in PINNED_PROFILES for k, us in zip(KINDS, (25.0, 20.0, 16.0, 0.0))]
+    bench.pin_cpu = 1
+    path = save(bench, "2026-12-06T13:00:00+0000", "fio-test")
+    loaded, fio_version = load(path)
+    assert fio_version == "fio-test"
+    assert summary(loaded, fio_version) == summary(bench, "fio-test")
+    assert main(["--report", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| cowfs/ceiling, queue depth 1 | loop rand-write-4K | 0.800 | >= 0.9 | **not met** |" in out
+    assert "| pinned CPU per request, cowfs/ceiling | file rand-read-4K | 1.562 | <= 1.5 | **not met** |" in out
+
+
+def test_report_refuses_a_file_that_is_not_a_run(tmp_path: Path) -> None:
+    bad = tmp_path / "other.json"
+    bad.write_text(json.dumps({"args": {}}))
+    with pytest.raises(BenchError, match="not the raw results of a bench run"):
+        load(bad)
+    assert main(["--report", str(bad)]) == 1
+    assert main(["--report", str(tmp_path / "missing.json")]) == 1
