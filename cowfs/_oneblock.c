@@ -14,6 +14,11 @@
  * on the same random operations and requires the same trees, counts, data
  * and journal records.
  *
+ * The first write after a snapshot into a leaf the snapshot shares copies
+ * the leaf and takes a reference on each of its ~157 data units; in Python
+ * that was most of the copy's cost.  incref_blocks() does it for the usual
+ * leaf (raw blocks, counts below MAX_DIRECT) and leaves any other to Python.
+ *
  * The rules followed are the tree's (cowfs/btree.py), the reference table's
  * (cowfs/spacemap.py), the journal's (cowfs/journal.py) and the pool's
  * (cowfs/pool.py); their constants are read from those modules, and the
@@ -59,23 +64,30 @@ static PyObject *s_times_dirty, *s_lose_memory, *s_label;
 /* Tree depth can never come near this; it only bounds a corrupt cycle. */
 #define MAX_DEPTH 64
 
-/* A writable view of an array.array with the given item size, or -1. */
+/* A writable view of array.array arr with the given item size, or -1. */
+static int
+get_array(PyObject *arr, Py_ssize_t itemsize, Py_buffer *view, const char *what)
+{
+    if (PyObject_GetBuffer(arr, view, PyBUF_WRITABLE | PyBUF_FORMAT) < 0)
+        return -1;
+    if (view->itemsize != itemsize || view->ndim != 1) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_TypeError, "%s: unexpected item size", what);
+        return -1;
+    }
+    return 0;
+}
+
+/* get_array() of the array attribute name of node. */
 static int
 get_items(PyObject *node, PyObject *name, Py_ssize_t itemsize, Py_buffer *view)
 {
     PyObject *arr = PyObject_GetAttr(node, name);
     if (arr == NULL)
         return -1;
-    int r = PyObject_GetBuffer(arr, view, PyBUF_WRITABLE | PyBUF_FORMAT);
+    int r = get_array(arr, itemsize, view, PyUnicode_AsUTF8(name));
     Py_DECREF(arr);
-    if (r < 0)
-        return -1;
-    if (view->itemsize != itemsize || view->ndim != 1) {
-        PyBuffer_Release(view);
-        PyErr_Format(PyExc_TypeError, "node %U: unexpected item size", name);
-        return -1;
-    }
-    return 0;
+    return r;
 }
 
 /* First index with keys[i] >= key. */
@@ -704,8 +716,85 @@ write_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return r == -2 ? NULL : PyLong_FromLong(r);
 }
 
+PyDoc_STRVAR(incref_blocks_doc,
+"incref_blocks(rc, pages, sectors, slens) -> bool\n\n"
+"RefTable.incref of the unit of each pointer of a copied leaf, in one call,\n"
+"for the usual leaf: every pointer one raw block (``slens[i] == BLOCK``, its\n"
+"sector unit-aligned) on a unit whose count is kept in its byte of ``rc``\n"
+"(RefTable.rc) and is below MAX_DIRECT.  Each such count goes up by one and\n"
+"the unit's page joins ``pages`` (RefTable.dirty_pages); True.  Any other\n"
+"leaf answers False with no count changed (a page may have been marked,\n"
+"which only costs a rewrite): the caller takes the references in Python.");
+
+static PyObject *
+incref_blocks(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "incref_blocks takes 4 arguments");
+        return NULL;
+    }
+    PyObject *pages = args[1];
+    if (!PySet_Check(pages)) {
+        PyErr_SetString(PyExc_TypeError, "incref_blocks: pages must be a set");
+        return NULL;
+    }
+    Py_buffer rc, sv, lv;
+    if (get_array(args[0], 1, &rc, "reference counts") < 0)
+        return NULL;
+    if (get_array(args[2], 8, &sv, "sectors") < 0) {
+        PyBuffer_Release(&rc);
+        return NULL;
+    }
+    if (get_array(args[3], 2, &lv, "lengths") < 0) {
+        PyBuffer_Release(&sv);
+        PyBuffer_Release(&rc);
+        return NULL;
+    }
+    unsigned char *counts = rc.buf;
+    const uint64_t *sectors = sv.buf;
+    const uint16_t *slens = lv.buf;
+    Py_ssize_t n = sv.len / 8, i;
+    int ok = n == lv.len / 2;
+    /* Every pointer a raw block on a unit of the table. */
+    for (i = 0; ok && i < n; i++)
+        ok = slens[i] == BLOCK && sectors[i] % SECTORS_PER_BLOCK == 0
+             && sectors[i] / SECTORS_PER_BLOCK < (uint64_t)rc.len;
+    /* Pages first: marking one can fail (memory), raising a count cannot.
+     * A leaf's units mostly share a page, hence the check of the last one. */
+    uint64_t last_page = UINT64_MAX;
+    for (i = 0; ok && i < n; i++) {
+        uint64_t unit = sectors[i] / SECTORS_PER_BLOCK;
+        if (unit >> PAGE_SHIFT != last_page) {
+            if (add_page(pages, unit) < 0) {
+                ok = -1;
+                break;
+            }
+            last_page = unit >> PAGE_SHIFT;
+        }
+    }
+    /* A count at 0, at MAX_DIRECT or a marker (a unit twice in the leaf can
+     * bring it there) is RefTable.incref's: undo and leave the leaf to it. */
+    for (i = 0; ok == 1 && i < n; i++) {
+        unsigned char *c = &counts[sectors[i] / SECTORS_PER_BLOCK];
+        if (*c < 1 || *c >= MAX_DIRECT) {
+            while (i-- > 0)
+                counts[sectors[i] / SECTORS_PER_BLOCK]--;
+            ok = 0;
+            break;
+        }
+        (*c)++;
+    }
+    PyBuffer_Release(&lv);
+    PyBuffer_Release(&sv);
+    PyBuffer_Release(&rc);
+    if (ok < 0)
+        return NULL;
+    return PyBool_FromLong(ok);
+}
+
 static PyMethodDef methods[] = {
     {"write_block", (PyCFunction)(void (*)(void))write_block, METH_FASTCALL, write_block_doc},
+    {"incref_blocks", (PyCFunction)(void (*)(void))incref_blocks, METH_FASTCALL, incref_blocks_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -754,7 +843,7 @@ intern_names(void)
 
 static struct PyModuleDef moduledef = {
     PyModuleDef_HEAD_INIT, "cowfs._oneblock",
-    "The engine's one-block write in C (see write_block).", -1, methods,
+    "The engine's one-block write in C (see write_block and incref_blocks).", -1, methods,
 };
 
 PyMODINIT_FUNC

