@@ -26,9 +26,16 @@ def _sample(kind: str, access: str, profile: str, value: float, metric: str,
                   iops=value if metric == "iops" else 0.0, ios=1000, fio={}, daemon_us_per_io=us)
 
 
-def _bench(kinds: tuple[str, ...], figure) -> Bench:
-    """A finished run of every access and profile where ``figure(kind,
-    access, profile)`` gives each median (one repetition)."""
+def _bench(kinds: tuple[str, ...], cowfs_factor: dict[tuple[str, str], float] | None = None) -> Bench:
+    """A finished run of every access and profile (one repetition) where
+    every target did 1000 MiB/s or 10000 IOPS, except cowfs on the (access,
+    profile) pairs of ``cowfs_factor``, which did that times the factor."""
+    factors = cowfs_factor or {}
+
+    def figure(kind: str, access: str, profile: str) -> float:
+        base = 1000.0 * MiB if "1M" in profile else 10000.0
+        return base * (factors.get((access, profile), 1.0) if kind == "cowfs" else 1.0)
+
     args = argparse.Namespace(kinds=kinds, accesses=ACCESSES, profiles=PROFILES, reps=1,
                               size=1 << 30, runtime=6, dir=Path("/nonexistent"))
     bench = Bench(args, Path("/nonexistent/run-test"))
@@ -38,23 +45,15 @@ def _bench(kinds: tuple[str, ...], figure) -> Bench:
     return bench
 
 
-def _peer_figure(kind: str, access: str, profile: str) -> float:
-    # Peers at 1000 MiB/s or 10000 IOPS; cowfs set per test through _COWFS.
-    base = 1000.0 * MiB if "1M" in profile else 10000.0
-    return base * _COWFS.get((kind, access, profile), 1.0)
-
-
-_COWFS: dict[tuple[str, str, str], float] = {}
-
-
 def _by(found: list[Verdict]) -> dict[tuple[str, str], Verdict]:
     return {(v.target, v.measure): v for v in found}
 
 
 def test_every_target_is_checked_once_with_its_bound() -> None:
-    _COWFS.clear()
-    bench = _bench(KINDS, _peer_figure)
-    found = verdicts(rows(bench), [])
+    """Proves: a run of every target, access and profile yields each of the
+    issue's 30 row targets once, with its peer and bound."""
+    found = verdicts(rows(_bench(KINDS)), [])
+    assert len(_by(found)) == len(found)
     # 19 rows against the ceiling (18 profiles + the fill), qcow2 writes and
     # reads in 3 accesses, sequential floors: 3 on the file, 2 on loop-dio.
     assert len(found) == 19 + 6 + 5
@@ -76,12 +75,12 @@ def test_every_target_is_checked_once_with_its_bound() -> None:
 
 
 def test_a_figure_at_the_bound_meets_it_and_one_just_under_does_not() -> None:
-    _COWFS.clear()
-    _COWFS[("cowfs", "file", "rand-write-4K-QD16")] = 0.75
-    _COWFS[("cowfs", "loop", "rand-write-4K-QD16")] = 0.7499
-    _COWFS[("cowfs", "file", "seq-read-1M")] = 0.5
-    _COWFS[("cowfs", "loop-dio", "seq-read-1M")] = 0.4999
-    by = _by(verdicts(rows(_bench(KINDS, _peer_figure)), []))
+    """Proves: the comparison is exact (at the bound: met; 0.7499 against
+    0.75: not met) and the table prints the miss with enough digits."""
+    by = _by(verdicts(rows(_bench(KINDS, {("file", "rand-write-4K-QD16"): 0.75,
+                                          ("loop", "rand-write-4K-QD16"): 0.7499,
+                                          ("file", "seq-read-1M"): 0.5,
+                                          ("loop-dio", "seq-read-1M"): 0.4999})), []))
     assert by[("cowfs/ceiling, queue depth 16", "file rand-write-4K-QD16")].met
     assert not by[("cowfs/ceiling, queue depth 16", "loop rand-write-4K-QD16")].met
     assert by[("sequential MiB/s", "file seq-read-1M")].met
@@ -94,6 +93,8 @@ def test_a_figure_at_the_bound_meets_it_and_one_just_under_does_not() -> None:
 
 
 def test_pinned_cpu_is_an_upper_bound() -> None:
+    """Proves: the pinned CPU ratio is met at or under 1.5x the ceiling's,
+    not over it, and a target without a daemon figure is skipped."""
     pinned = [_sample("cowfs", "file", PINNED_PROFILES[0], 1, "iops", us=24.0),
               _sample("ceiling", "file", PINNED_PROFILES[0], 1, "iops", us=16.0),
               _sample("cowfs", "file", PINNED_PROFILES[1], 1, "iops", us=24.1),
@@ -106,8 +107,9 @@ def test_pinned_cpu_is_an_upper_bound() -> None:
 
 
 def test_targets_without_their_peer_are_left_out() -> None:
-    _COWFS.clear()
-    bench = _bench(("cowfs", "plain"), _peer_figure)
+    """Proves: a run without the ceiling and qcow2 checks only the
+    sequential floors, and does not fail on the missing peers."""
+    bench = _bench(("cowfs", "plain"))
     found = verdicts(rows(bench), [_sample("cowfs", "file", PINNED_PROFILES[0], 1, "iops", us=20.0)])
     # No ceiling and no qcow2: only the sequential floors remain.
     assert {v.target for v in found} == {"sequential MiB/s"}
@@ -115,9 +117,9 @@ def test_targets_without_their_peer_are_left_out() -> None:
 
 
 def test_summary_ends_with_the_targets_and_the_count_met() -> None:
-    _COWFS.clear()
-    _COWFS[("cowfs", "file", "rand-read-4K")] = 0.5
-    bench = _bench(KINDS, _peer_figure)
+    """Proves: the printed summary ends with the targets table and the
+    count of targets met."""
+    bench = _bench(KINDS, {("file", "rand-read-4K"): 0.5})
     text = summary(bench, "fio-test")
     tail = text.split("Targets of the performance issue", 1)[1]
     assert "| cowfs/ceiling, queue depth 1 | file rand-read-4K | 0.500 | >= 0.9 | **not met** |" in tail
@@ -127,9 +129,9 @@ def test_summary_ends_with_the_targets_and_the_count_met() -> None:
 
 
 def test_a_saved_run_reports_the_same_tables(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    _COWFS.clear()
-    _COWFS[("cowfs", "loop", "rand-write-4K")] = 0.8
-    bench = _bench(KINDS, _peer_figure)
+    """Proves: what save() wrote loads back into the same tables, and
+    ``--report`` prints them with the targets."""
+    bench = _bench(KINDS, {("loop", "rand-write-4K"): 0.8})
     bench.args.dir, bench.tmp = tmp_path, tmp_path / "run-test"
     bench.targets[("cowfs", "file")] = Target("cowfs", "file", "/mnt/bench.img", 1 << 30)
     bench.pinned = [_sample(k, "file", name, 30000, "iops", us=None if k == "plain" else us)
@@ -146,6 +148,8 @@ def test_a_saved_run_reports_the_same_tables(tmp_path: Path, capsys: pytest.Capt
 
 
 def test_report_refuses_a_file_that_is_not_a_run(tmp_path: Path) -> None:
+    """Proves: a JSON file that is not a run, or no file, is refused with
+    BenchError and exit status 1."""
     bad = tmp_path / "other.json"
     bad.write_text(json.dumps({"args": {}}))
     with pytest.raises(BenchError, match="not the raw results of a bench run"):
