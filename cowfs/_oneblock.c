@@ -16,8 +16,8 @@
  *
  * The first write after a snapshot into a leaf the snapshot shares copies
  * the leaf and takes a reference on each of its ~157 data units; in Python
- * that was most of the copy's cost.  incref_blocks() does it for the usual
- * leaf (raw blocks, counts below MAX_DIRECT) and leaves any other to Python.
+ * that was most of the copy's cost.  incref_blocks() does it for any leaf
+ * whose counts stay below MAX_DIRECT and leaves the rest to Python.
  *
  * The rules followed are the tree's (cowfs/btree.py), the reference table's
  * (cowfs/spacemap.py), the journal's (cowfs/journal.py) and the pool's
@@ -718,13 +718,14 @@ write_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 
 PyDoc_STRVAR(incref_blocks_doc,
 "incref_blocks(rc, pages, sectors, slens) -> bool\n\n"
-"RefTable.incref of the unit of each pointer of a copied leaf, in one call,\n"
-"for the usual leaf: every pointer one raw block (``slens[i] == BLOCK``, its\n"
-"sector unit-aligned) on a unit whose count is kept in its byte of ``rc``\n"
-"(RefTable.rc) and is below MAX_DIRECT.  Each such count goes up by one and\n"
-"the unit's page joins ``pages`` (RefTable.dirty_pages); True.  Any other\n"
-"leaf answers False with no count changed (a page may have been marked,\n"
-"which only costs a rewrite): the caller takes the references in Python.");
+"Pool.take of each pointer of a copied leaf, in one call: RefTable.incref\n"
+"of every data unit each stored block touches (format.units_of), in order.\n"
+"Done when every pointer has a length of 1 to BLOCK bytes on units of the\n"
+"table and every count is kept in its byte of ``rc`` (RefTable.rc) and\n"
+"stays within MAX_DIRECT: each count goes up and each unit's page joins\n"
+"``pages`` (RefTable.dirty_pages); True.  Otherwise no count changes (a page\n"
+"may have been marked, which only costs a rewrite) and the answer is False:\n"
+"the caller takes the references in Python.");
 
 static PyObject *
 incref_blocks(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -753,42 +754,47 @@ incref_blocks(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     unsigned char *counts = rc.buf;
     const uint64_t *sectors = sv.buf;
     const uint16_t *slens = lv.buf;
-    Py_ssize_t n = sv.len / 8, i;
-    int ok = n == lv.len / 2;
-    /* Every pointer a raw block on a unit of the table. */
-    for (i = 0; ok && i < n; i++)
-        ok = slens[i] == BLOCK && sectors[i] % SECTORS_PER_BLOCK == 0
-             && sectors[i] / SECTORS_PER_BLOCK < (uint64_t)rc.len;
+    Py_ssize_t n = sv.len / 8, m = 0, i;
+    /* The units in order: a stored block of at most BLOCK bytes touches one
+     * unit, or two when it is packed across a unit boundary. */
+    uint64_t *units = PyMem_Malloc((2 * n + 1) * sizeof *units);
+    int ok = units == NULL ? -1 : n == lv.len / 2;
+    for (i = 0; ok == 1 && i < n; i++) {
+        uint64_t start = sectors[i] * (BLOCK / SECTORS_PER_BLOCK);
+        uint64_t first = start / BLOCK, last = (start + slens[i] - 1) / BLOCK;
+        ok = slens[i] >= 1 && slens[i] <= BLOCK && sectors[i] < UINT64_MAX / BLOCK
+             && last < (uint64_t)rc.len;
+        for (uint64_t u = first; ok && u <= last; u++)
+            units[m++] = u;
+    }
     /* Pages first: marking one can fail (memory), raising a count cannot.
      * A leaf's units mostly share a page, hence the check of the last one. */
     uint64_t last_page = UINT64_MAX;
-    for (i = 0; ok && i < n; i++) {
-        uint64_t unit = sectors[i] / SECTORS_PER_BLOCK;
-        if (unit >> PAGE_SHIFT != last_page) {
-            if (add_page(pages, unit) < 0) {
+    for (i = 0; ok == 1 && i < m; i++) {
+        if (units[i] >> PAGE_SHIFT != last_page) {
+            if (add_page(pages, units[i]) < 0)
                 ok = -1;
-                break;
-            }
-            last_page = unit >> PAGE_SHIFT;
+            last_page = units[i] >> PAGE_SHIFT;
         }
     }
-    /* A count at 0, at MAX_DIRECT or a marker (a unit twice in the leaf can
+    /* A count at 0, at MAX_DIRECT or a marker (a unit met more than once can
      * bring it there) is RefTable.incref's: undo and leave the leaf to it. */
-    for (i = 0; ok == 1 && i < n; i++) {
-        unsigned char *c = &counts[sectors[i] / SECTORS_PER_BLOCK];
+    for (i = 0; ok == 1 && i < m; i++) {
+        unsigned char *c = &counts[units[i]];
         if (*c < 1 || *c >= MAX_DIRECT) {
             while (i-- > 0)
-                counts[sectors[i] / SECTORS_PER_BLOCK]--;
+                counts[units[i]]--;
             ok = 0;
             break;
         }
         (*c)++;
     }
+    PyMem_Free(units);
     PyBuffer_Release(&lv);
     PyBuffer_Release(&sv);
     PyBuffer_Release(&rc);
     if (ok < 0)
-        return NULL;
+        return units == NULL ? PyErr_NoMemory() : NULL;
     return PyBool_FromLong(ok);
 }
 

@@ -23,8 +23,6 @@ Only counts are persisted: markers are written as 0 (see :meth:`page_image`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 MAX_DIRECT = 250
 OVERFLOW = 251
 PENDING = 252
@@ -90,20 +88,6 @@ class RefTable:
         else:
             raise AssertionError(f"incref of unit {unit} in state {v}")
         self.dirty_pages.add(unit >> PAGE_SHIFT)
-
-    def incref_many(self, units: Iterable[int]) -> None:
-        """:meth:`incref` of each unit in turn: the pointers of a copied leaf,
-        about 157 at a time, with the usual case (a count already in the
-        byte) done inline rather than in a call per unit."""
-        rc = self.rc
-        pages = self.dirty_pages
-        for u in units:
-            v = rc[u]
-            if 0 < v < MAX_DIRECT:
-                rc[u] = v + 1
-                pages.add(u >> PAGE_SHIFT)
-            else:
-                self.incref(u)
 
     def take_run(self, start: int, n: int) -> bool:
         """Give each of the ``n`` units from ``start`` its first reference

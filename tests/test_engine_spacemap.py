@@ -5,9 +5,9 @@ batch increments against one increment at a time.
 keeps up to date, instead of counting the table on every write and every
 ``df``; the pool relies on it for its metadata reserve and ``statfs``.  A
 random sequence of every operation that changes the table checks that the
-answer always equals a full count.  ``incref_many`` and the C
-``incref_blocks`` (the references of a copied leaf) must leave the table as
-``incref`` of each unit in turn would, or, for the C one, unchanged.
+answer always equals a full count.  The C ``incref_blocks`` (the references
+of a copied leaf) must leave the table as ``incref`` of each unit in turn
+would, or unchanged.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from cowfs._oneblock import incref_blocks
-from cowfs.format import BLOCK, SECTOR, SECTORS_PER_BLOCK
+from cowfs.format import BLOCK, SECTOR, SECTORS_PER_BLOCK, units_of
 from cowfs.spacemap import MAX_DIRECT, PAGE_SHIFT, PAGE_UNITS, PENDING, RESERVED, SYSTEM, RefTable
 
 UNITS = 64
@@ -88,59 +88,39 @@ def test_free_units_counts_again_after_a_direct_change() -> None:
     assert t.free_units() == 5
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.sampled_from([0, 1, 2, 7, PAGE_UNITS + 3, 2 * PAGE_UNITS]), max_size=60),
-       st.lists(st.sampled_from([0, 1, MAX_DIRECT - 1, MAX_DIRECT, RESERVED]), min_size=4,
-                max_size=4))
-def test_incref_many_is_incref_in_turn(units: list[int], starts: list[int]) -> None:
-    """Proves: incref_many leaves counts, overflow, free count and dirty
-    pages exactly as incref of each unit in turn, from every kind of start
-    (free, reserved, small, about to overflow, overflowing)."""
-    tables = []
-    for _ in range(2):
-        t = RefTable(2 * PAGE_UNITS + 1)
-        for u, v in zip((0, 1, 7, PAGE_UNITS + 3), starts):
-            if v == RESERVED:
-                t.set_marker(u, RESERVED)
-            for _ in range(v if v != RESERVED else 0):
-                t.incref(u)
-        t.dirty_pages.clear()
-        tables.append(t)
-    one, many = tables
-    for u in units:
-        one.incref(u)
-    many.incref_many(units)
-    assert (many.rc, many.overflow, many.free_units(), many.dirty_pages) == \
-        (one.rc, one.overflow, one.free_units(), one.dirty_pages)
-
-
 _RAW = BLOCK  # the stored length of a raw block
 _UNITS_SEEN = (0, 1, 7, PAGE_UNITS + 3)
 
 
-# Leaves of raw blocks on units of the table (what incref_blocks takes),
-# and leaves with anything in them (compressed, unaligned, beyond the table).
+# Leaves of raw blocks (the usual leaf), and leaves with anything in them:
+# compressed blocks packed anywhere in a unit or across two, empty or too
+# long lengths, units beyond the table.
 _usual_pointer = st.tuples(st.sampled_from(_UNITS_SEEN), st.just(_RAW), st.just(0))
-_any_pointer = st.tuples(st.sampled_from(_UNITS_SEEN + (2 * PAGE_UNITS + 1,)),
-                         st.sampled_from([_RAW, _RAW, _RAW, 2 * SECTOR, _RAW - SECTOR]),
-                         st.sampled_from([0, 0, 0, 1]))
+_any_pointer = st.tuples(st.sampled_from(_UNITS_SEEN + (2 * PAGE_UNITS,)),
+                         st.sampled_from([_RAW, _RAW, 2 * SECTOR, _RAW - SECTOR, 1, 0,
+                                          _RAW + SECTOR]),
+                         st.sampled_from([0, 0, 1, SECTORS_PER_BLOCK - 1]))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(st.one_of(st.lists(_usual_pointer, max_size=40), st.lists(_any_pointer, max_size=40)),
        st.lists(st.sampled_from([0, 1, 2, MAX_DIRECT - 2, MAX_DIRECT - 1, MAX_DIRECT, RESERVED,
                                  PENDING]), min_size=4, max_size=4))
-@example([(1, _RAW, 1)], [0, 1, 0, 0])                                  # unaligned
+@example([(1, _RAW, 1)], [0, 1, 1, 0])                                  # spans units 1 and 2
 @example([(1, _RAW, 0)], [0, MAX_DIRECT, 0, 0])                         # would overflow
 @example([(7, _RAW, 0), (1, _RAW, 0), (1, _RAW, 0)], [0, MAX_DIRECT - 1, 3, 0])  # twice
-def test_incref_blocks_is_incref_in_turn_or_nothing(
+@example([(2 * PAGE_UNITS, _RAW, 1)], [1, 1, 1, 1])                     # runs off the table
+@example([(1, 0, 0)], [0, 1, 0, 0])                                     # empty
+@example([(0, _RAW + SECTOR, 0)], [1, 1, 0, 0])                         # too long
+def test_incref_blocks_is_take_in_turn_or_nothing(
         pointers: list[tuple[int, int, int]], starts: list[int]) -> None:
     """Proves: the C incref_blocks either takes exactly the references that
-    RefTable.incref of each pointer's unit in turn would (counts, overflow,
-    free count, dirty pages) and answers True, or changes no count and
-    answers False; it answers True exactly for a leaf of raw, unit-aligned
-    blocks inside the table whose counts stay below MAX_DIRECT (a unit
-    twice in a leaf included), and marks no page outside the leaf's."""
+    RefTable.incref of each unit of each pointer in turn would (units_of:
+    what Pool.take does), counts, overflow, free count and dirty pages alike,
+    and answers True; or changes no count and answers False.  It answers True
+    exactly when every length is 1 to BLOCK bytes, every unit is in the table
+    and no count leaves 1..MAX_DIRECT (a unit met twice included), and marks
+    no page outside the leaf's."""
     tables = []
     for _ in range(2):
         t = RefTable(2 * PAGE_UNITS + 1)
@@ -152,11 +132,11 @@ def test_incref_blocks_is_incref_in_turn_or_nothing(
         t.dirty_pages.clear()
         tables.append(t)
     python, c = tables
-    # Pointers: a unit's first sector plus 0 or 1 (unaligned), a length.
+    # Pointers: a unit's first sector plus an offset in sectors, a length.
     sectors = array("Q", [u * SECTORS_PER_BLOCK + off for u, _, off in pointers])
     slens = array("H", [n for _, n, _ in pointers])
-    units = [u for u, _, _ in pointers]
-    expect = all(n == _RAW and off == 0 and u < len(python) for u, n, off in pointers)
+    units = [u for a, n in zip(sectors, slens) for u in units_of(a, n)]
+    expect = all(1 <= n <= BLOCK for n in slens) and all(u < len(python) for u in units)
     if expect:
         seen: dict[int, int] = {}
         for u in units:
