@@ -798,9 +798,135 @@ incref_blocks(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return PyBool_FromLong(ok);
 }
 
+PyDoc_STRVAR(raw_run_doc,
+"raw_run(keys, addrs, slens, i, j) -> int\n\n"
+"Where the run of leaf entries that starts at index i ends: the largest k\n"
+"(i < k <= j) such that entries i..k-1 map consecutive blocks, each stored\n"
+"raw (BLOCK bytes) right after the one before, so that one read of\n"
+"(k - i) * BLOCK bytes at addrs[i] fetches them all.  i + 1 when entry i is\n"
+"not raw.  keys and addrs are a leaf's 8-byte arrays, slens its 2-byte one;\n"
+"IndexError unless 0 <= i < j <= their length.");
+
+static PyObject *
+raw_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "raw_run takes 5 arguments");
+        return NULL;
+    }
+    Py_ssize_t i = PyLong_AsSsize_t(args[3]), j = PyLong_AsSsize_t(args[4]);
+    if ((i == -1 || j == -1) && PyErr_Occurred())
+        return NULL;
+    Py_buffer kv, av, lv;
+    if (get_array(args[0], 8, &kv, "keys") < 0)
+        return NULL;
+    if (get_array(args[1], 8, &av, "addrs") < 0) {
+        PyBuffer_Release(&kv);
+        return NULL;
+    }
+    if (get_array(args[2], 2, &lv, "lengths") < 0) {
+        PyBuffer_Release(&av);
+        PyBuffer_Release(&kv);
+        return NULL;
+    }
+    Py_ssize_t n = kv.len / 8, k = -1;
+    if (av.len / 8 != n || lv.len / 2 != n)
+        PyErr_SetString(PyExc_ValueError, "raw_run: keys, addrs and slens differ in length");
+    else if (i < 0 || i >= j || j > n)
+        PyErr_Format(PyExc_IndexError, "raw_run: entries %zd..%zd of %zd", i, j, n);
+    else {
+        const uint64_t *keys = kv.buf, *addrs = av.buf;
+        const uint16_t *slens = lv.buf;
+        k = i + 1;
+        if (slens[i] == BLOCK)
+            while (k < j && slens[k] == BLOCK && keys[k] == keys[k - 1] + 1
+                   && addrs[k] == addrs[k - 1] + (uint64_t)SECTORS_PER_BLOCK)
+                k++;
+    }
+    PyBuffer_Release(&lv);
+    PyBuffer_Release(&av);
+    PyBuffer_Release(&kv);
+    return k < 0 ? NULL : PyLong_FromSsize_t(k);
+}
+
+PyDoc_STRVAR(first_bad_doc,
+"first_bad(buf, csums, i) -> int\n\n"
+"Checks the blocks of buf (a whole number of BLOCK-byte blocks) against\n"
+"their checksums csums[i], csums[i + 1], ... (a leaf's 8-byte array):\n"
+"the index within buf of the first block whose checksum differs, or -1 when\n"
+"every one matches.  ValueError for a partial block, IndexError when csums\n"
+"has too few entries.");
+
+static PyObject *
+first_bad(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "first_bad takes 3 arguments");
+        return NULL;
+    }
+    Py_ssize_t i = PyLong_AsSsize_t(args[2]);
+    if (i == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer bv, cv;
+    if (PyObject_GetBuffer(args[0], &bv, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (get_array(args[1], 8, &cv, "checksums") < 0) {
+        PyBuffer_Release(&bv);
+        return NULL;
+    }
+    Py_ssize_t nb = bv.len / BLOCK, bad = -1;
+    int err = 0;
+    if (bv.len % BLOCK) {
+        PyErr_SetString(PyExc_ValueError, "first_bad: not a whole number of blocks");
+        err = 1;
+    } else if (i < 0 || i > cv.len / 8 - nb) {
+        PyErr_Format(PyExc_IndexError, "first_bad: checksums %zd..%zd of %zd",
+                     i, i + nb, cv.len / 8);
+        err = 1;
+    }
+    const uint64_t *csums = cv.buf;
+    for (Py_ssize_t m = 0; !err && m < nb; m++) {
+        uint64_t sum;
+        PyObject *part = PyMemoryView_FromMemory((char *)bv.buf + m * BLOCK, BLOCK, PyBUF_READ);
+        if (part == NULL || checksum_of(part, &sum) < 0)
+            err = 1;
+        Py_XDECREF(part);
+        if (!err && sum != csums[i + m]) {
+            bad = m;
+            break;
+        }
+    }
+    PyBuffer_Release(&cv);
+    PyBuffer_Release(&bv);
+    return err ? NULL : PyLong_FromSsize_t(bad);
+}
+
+PyDoc_STRVAR(read_buffer_doc,
+"read_buffer(length) -> bytearray\n\n"
+"A bytearray of length bytes for a read to fill, not zeroed first (zeroing\n"
+"1 MiB cost a tenth of the daemon's CPU in a sequential read): its bytes are\n"
+"undefined until written, so the caller must discard it unless the read\n"
+"filled all of it.");
+
+static PyObject *
+read_buffer(PyObject *self, PyObject *arg)
+{
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "read_buffer: negative length");
+        return NULL;
+    }
+    return PyByteArray_FromStringAndSize(NULL, n);
+}
+
 static PyMethodDef methods[] = {
     {"write_block", (PyCFunction)(void (*)(void))write_block, METH_FASTCALL, write_block_doc},
     {"incref_blocks", (PyCFunction)(void (*)(void))incref_blocks, METH_FASTCALL, incref_blocks_doc},
+    {"raw_run", (PyCFunction)(void (*)(void))raw_run, METH_FASTCALL, raw_run_doc},
+    {"first_bad", (PyCFunction)(void (*)(void))first_bad, METH_FASTCALL, first_bad_doc},
+    {"read_buffer", read_buffer, METH_O, read_buffer_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from .errors import PoolError
+from ._oneblock import read_buffer
 
 PAGE = 4096  # granularity at which a power cut may keep or lose unsynced bytes
 # Writes of at least this many bytes (whole pages at a page offset) go to the
@@ -203,7 +204,7 @@ class OsFile:
         # costs only the overlap: the caller's blocking pread reads it then.
         if not self._nowait_ok:
             return self.pread(length, offset)
-        buf = bytearray(length)
+        buf = read_buffer(length)         # returned only if the read fills it
         try:
             n = os.preadv(self.fd, (buf,), offset, os.RWF_NOWAIT)
         except BlockingIOError:

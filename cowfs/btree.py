@@ -29,7 +29,7 @@ import logging
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 from .errors import PoolError
 from .format import BLOCK, INTERNAL_CAP, LEAF_CAP, NULL, Node
@@ -179,25 +179,21 @@ class Tree:
             node = self.store.get(node.children[i])
         return node, ub
 
-    def lookup_range(self, root: int, lba: int, n: int) -> list[tuple[int, int, int] | None]:
-        """Pointers ``(sector, csum, slen)`` of blocks ``lba .. lba+n-1`` (None = hole)."""
-        out: list[tuple[int, int, int] | None] = [None] * n
+    def leaf_spans(self, root: int, lba: int, n: int) -> Iterator[tuple[Node, int, int]]:
+        """The leaves that map any of blocks ``lba .. lba+n-1``, in key order:
+        ``(leaf, i, j)`` where entries ``i .. j-1`` of ``leaf`` are exactly
+        its entries in that range (never empty; blocks in no span are holes)."""
         end = lba + n
         pos = lba
         while root and pos < end:
             leaf, ub = self.find_leaf(root, pos)
             keys = leaf.keys
-            i = bisect_left(keys, pos)
             stop = end if end < ub else ub
-            cnt = len(keys)
-            while i < cnt:
-                k = keys[i]
-                if k >= stop:
-                    break
-                out[k - lba] = (leaf.addrs[i], leaf.csums[i], leaf.slens[i])
-                i += 1
+            i = bisect_left(keys, pos)
+            j = bisect_left(keys, stop, i)
+            if i < j:
+                yield leaf, i, j
             pos = stop
-        return out
 
     def iter_nodes(self, root: int):
         """Yield ``(node, depth)`` for every node reachable from ``root``, each

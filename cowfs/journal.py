@@ -18,11 +18,13 @@ from __future__ import annotations
 import errno
 import logging
 import struct
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-from .blockio import PoolFile
 from .errors import PoolError
 from .format import BLOCK, checksum
+
+if TYPE_CHECKING:       # blockio imports _oneblock, which imports this module
+    from .blockio import PoolFile
 
 log = logging.getLogger(__name__)
 

@@ -238,6 +238,12 @@ def test_refusals_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     pool.close()
 
 
+def pointer(pool: Pool, root: int, block: int) -> tuple[int, int, int]:
+    """The pointer (sector, checksum, stored length) of a mapped block."""
+    leaf, i, _ = next(pool.tree.leaf_spans(root, block, 1))
+    return leaf.addrs[i], leaf.csums[i], leaf.slens[i]
+
+
 def test_counts_pages_times_and_record() -> None:
     """An overwrite: the new unit gets 1, the old one its count less one
     (PENDING at zero, in the pending list), both pages are dirty, the volume's
@@ -248,7 +254,7 @@ def test_counts_pages_times_and_record() -> None:
     vid = dirty_again(pool)
     v = pool.datasets[vid]
     drc = pool.drc
-    old_unit = pool.tree.lookup_range(v.root, 0, 1)[0][0] // 8
+    old_unit = pointer(pool, v.root, 0)[0] // 8
     drc.grow(4 * 4096)
     drc._cursor = far = 2 * 4096 + 5                          # another page
     drc.dirty_pages.clear()
@@ -263,7 +269,7 @@ def test_counts_pages_times_and_record() -> None:
     assert t0 <= v.mtime == v.ctime <= time.time_ns()
     assert drc.count(far) == 1 and drc.count(old_unit) == 1 and drc._cursor == far + 1
     assert old_unit >> 12 < 2 and drc.dirty_pages == {old_unit >> 12, 2}
-    assert pool.tree.lookup_range(v.root, 0, 1)[0] == (far * 8, checksum(data), BLOCK)
+    assert pointer(pool, v.root, 0) == (far * 8, checksum(data), BLOCK)
     assert pool.data.pread(BLOCK, far * BLOCK) == data
     assert vid in pool.times_dirty and pool._data_dirty
     [(seq, rtype, body)] = journal_records(pool)
@@ -280,7 +286,7 @@ def test_counts_pages_times_and_record() -> None:
     assert (v.size, v.mapped) == ((SPAN + 4) * BLOCK, mapped + 1) and size < v.size
     assert drc.dirty_pages == {(far + 2) >> 12}
     # 251 references no longer fit the byte: refused, nothing changed.
-    cur = pool.tree.lookup_range(v.root, 0, 1)[0][0] // 8
+    cur = pointer(pool, v.root, 0)[0] // 8
     for _ in range(250):
         drc.incref(cur)
     before = state(pool)
