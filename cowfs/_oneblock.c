@@ -1,5 +1,6 @@
 /*
- * cowfs._oneblock: the engine's one-block write, in C for its common case.
+ * cowfs._oneblock: the engine's hot paths in C, first of all the one-block
+ * write in its common case.
  *
  * A random 4 KiB write is the request a VM disk sends most, and every step of
  * it in Python (checks, allocation, the data write, the tree edit, the two
@@ -18,6 +19,12 @@
  * the leaf and takes a reference on each of its ~157 data units; in Python
  * that was most of the copy's cost.  incref_blocks() does it for any leaf
  * whose counts stay below MAX_DIRECT and leaves the rest to Python.
+ *
+ * A read of many blocks (a 1 MiB sequential read: 256) spent most of its
+ * time in a Python loop per block.  raw_run() finds where a run of raw
+ * blocks stored one after the other ends in a leaf, first_bad() checks a
+ * run's checksums, and read_buffer() gives the read a buffer without
+ * zeroing it first; Pool._read_blocks decides what to read with them.
  *
  * The rules followed are the tree's (cowfs/btree.py), the reference table's
  * (cowfs/spacemap.py), the journal's (cowfs/journal.py) and the pool's
@@ -975,7 +982,9 @@ intern_names(void)
 
 static struct PyModuleDef moduledef = {
     PyModuleDef_HEAD_INIT, "cowfs._oneblock",
-    "The engine's one-block write in C (see write_block and incref_blocks).", -1, methods,
+    "The engine's hot paths in C: the one-block write (write_block), a copied "
+    "leaf's references (incref_blocks) and reads of many blocks (raw_run, "
+    "first_bad, read_buffer).", -1, methods,
 };
 
 PyMODINIT_FUNC
