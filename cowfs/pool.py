@@ -46,7 +46,7 @@ from .journal import (ATTR, CREATE, ONE_ID, R_ATTR, R_CREATE, R_DELETE, R_RENAME
                       replay)
 from .snapshots import SnapshotOps
 from .spacemap import SYSTEM, RefTable
-from ._oneblock import first_bad, incref_blocks, raw_run, write_block
+from ._oneblock import first_bad, incref_blocks, raw_run, read_block, write_block
 
 log = logging.getLogger(__name__)
 
@@ -517,6 +517,14 @@ class Pool(SnapshotOps):
         meanwhile.  A callable ``wait`` is asked at that point whether to wait
         after all (say, when nothing else is queued).
         """
+        if length == BLOCK:
+            # Random 4 KiB reads: cowfs/_oneblock.c reads an aligned block
+            # whose tree path is in memory in one call (about 2.3 of its
+            # 3.4 us were Python calls); any other case it leaves to the code
+            # below, having read nothing.
+            data = read_block(self, vol_id, offset, wait)
+            if data is not False:
+                return data
         v = self._dataset(vol_id)
         if offset < 0 or length < 0:
             raise PoolError(errno.EINVAL, f"volume {v.name!r}: negative offset or length")

@@ -1,4 +1,4 @@
-"""The C one-block write against the engine's general Python path.
+"""The C one-block write and read against the engine's general Python path.
 
 ``Pool.write`` hands every 4 KiB write to ``cowfs._oneblock.write_block``,
 which does the whole write when the case is the common one and must
@@ -9,7 +9,9 @@ in the second, ``write_block`` always answers -1, so every write is Python (``Po
 the same trees, node for node, the same reference tables, pending lists and
 dirty pages, the same data file and the same journal records.  A wrong edit,
 a change made before a refusal, or a count, page, record or time left out
-shows up as a difference.
+shows up as a difference.  The one-block read (``read_block``) is checked
+the same way: after every step of such a run, against ``Pool.read``'s Python
+path on the same pool.
 """
 
 from __future__ import annotations
@@ -17,14 +19,15 @@ from __future__ import annotations
 import errno
 import random
 import time
+from collections import OrderedDict
 
 import pytest
 
 from cowfs import pool as pool_module
-from cowfs._oneblock import write_block
+from cowfs._oneblock import read_block, write_block
 from cowfs.blockio import SimStorage
-from cowfs.errors import PoolError
-from cowfs.format import checksum
+from cowfs.errors import ChecksumError, PoolError
+from cowfs.format import DATA_FILE, SECTOR, checksum
 from cowfs.journal import _HDR, ATTR, HDR_SIZE, R_ATTR, R_PAD, R_WRITE, WRITE_ONE
 from cowfs.pool import BLOCK, Pool
 from cowfs.spacemap import PENDING, RESERVED
@@ -341,3 +344,93 @@ def test_a_failed_data_write_changes_nothing() -> None:
     assert pool.write(vid, 0, data) == BLOCK
     assert pool.read(vid, 0, BLOCK) == data
     pool.close()
+
+
+# -- the one-block read ---------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(3))
+def test_c_read_matches_the_general_path(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    """Proves: after every step of a random run (writes raw and compressed,
+    snapshots, clones, checkpoints, truncates, deletes), a 4 KiB read by
+    read_block returns what Pool.read's Python path returns for the same
+    volume or snapshot and offset (data, holes, the end of a volume), leaves
+    the node cache in the same LRU order, and reads nothing when it answers
+    False (unaligned, past the end, compressed, a node not in memory), after
+    which Pool.read's answer is still the Python path's."""
+    pool = open_pool("oneblock-read")
+    rng = random.Random(seed)
+    answers = {"data": 0, "hole": 0, "left": 0}
+    store = pool.store
+    for n in range(300):
+        step(pool, rng, n)
+        if n % 50 == 49:
+            store.cache.clear()         # a cold cache: nodes read from disk again
+        ids = sorted(pool.datasets)
+        for _ in range(6):
+            vid = rng.choice(ids)
+            offset = rng.randrange(SPAN + 2) * BLOCK
+            if rng.random() < 0.1:
+                offset += rng.randrange(1, BLOCK)
+            order = list(store.cache)
+            reads: list[str] = []
+            pool.storage.fault = lambda op, name, *_: reads.append(name) if op == "read" else None
+            fast = read_block(pool, vid, offset, True)
+            pool.storage.fault = None
+            if fast is False:
+                answers["left"] += 1
+                assert reads == []
+                fast = pool.read(vid, offset, BLOCK)    # as Pool.read goes on
+            else:
+                answers["hole" if fast == bytes(BLOCK) else "data"] += 1
+            fast_order = list(store.cache)
+            # The Python path alone, from the same cache.
+            store.cache = OrderedDict((addr, store.cache[addr]) for addr in order)
+            monkeypatch.setattr(pool_module, "read_block", lambda *args: False)
+            general = pool.read(vid, offset, BLOCK)
+            monkeypatch.undo()
+            assert fast == general, f"seed {seed} step {n}: dataset {vid} offset {offset}"
+            assert list(store.cache) == fast_order
+    assert min(answers.values()) > 20, answers
+    pool.close()
+
+
+def test_c_read_errors_are_the_pools() -> None:
+    """Proves: through read_block, a flipped byte fails the read with EIO
+    naming the block's offset (counted), an I/O error of the host file
+    system is the pool's EIO, and a block not in the page cache is None
+    when not waited for, the block when waited for."""
+    storage = SimStorage(label="oneblock-read-errors")
+    Pool.mkfs(storage, compression=False)
+    pool = Pool.open(storage)
+    vid = pool.create_volume("v", 16 * BLOCK).id
+    data = random.Random(4).randbytes(16 * BLOCK)
+    pool.write(vid, 0, data)
+    pool.sync()
+    assert read_block(pool, vid, 3 * BLOCK, True) == data[3 * BLOCK:4 * BLOCK]
+    leaf, _ = pool.tree.find_leaf(pool.datasets[vid].root, 5)
+    sector = leaf.addrs[list(leaf.keys).index(5)]
+    storage.files[DATA_FILE].data[sector * SECTOR + 9] ^= 1
+    with pytest.raises(ChecksumError) as info:
+        read_block(pool, vid, 5 * BLOCK, True)
+    assert info.value.errno == errno.EIO and f"offset {5 * BLOCK} " in str(info.value)
+    assert pool.checksum_errors == 1
+
+    def fail(op: str, name: str, offset: int, length: int) -> None:
+        if op == "read" and name == DATA_FILE:
+            raise OSError(errno.EIO, "injected")
+
+    storage.fault = fail
+    with pytest.raises(PoolError) as info:
+        read_block(pool, vid, 2 * BLOCK, True)
+    assert info.value.errno == errno.EIO and "oneblock-read-errors" in str(info.value)
+    storage.fault = None
+    storage.uncached = 1
+    assert read_block(pool, vid, 7 * BLOCK, False) is None
+    storage.uncached = 1
+    assert read_block(pool, vid, 7 * BLOCK, lambda: True) == data[7 * BLOCK:8 * BLOCK]
+    assert pool.uncached_reads == 2
+    pool.stale = "a test"           # memory half changed: Pool.read reloads first
+    assert read_block(pool, vid, 0, True) is False
+    assert pool.read(vid, 0, BLOCK) == data[:BLOCK] and pool.stale is None
+    pool.close()
+    assert read_block(pool, vid, 0, True) is False     # closed: Pool.read refuses it
