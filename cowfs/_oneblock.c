@@ -103,6 +103,37 @@ get_items(PyObject *node, PyObject *name, Py_ssize_t itemsize, Py_buffer *view)
     return r;
 }
 
+/* get_array() of arrs[0..n-1] (item sizes sizes[], named what[] in
+ * errors); on failure the views already taken are released. */
+static int
+get_arrays(int n, PyObject *const *arrs, const Py_ssize_t *sizes, const char *const *what,
+           Py_buffer *views)
+{
+    for (int i = 0; i < n; i++) {
+        if (get_array(arrs[i], sizes[i], &views[i], what[i]) < 0) {
+            while (i-- > 0)
+                PyBuffer_Release(&views[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* get_items() of node's array attributes names[0..n-1]; as get_arrays(). */
+static int
+get_node_arrays(PyObject *node, int n, PyObject *const *names, const Py_ssize_t *sizes,
+                Py_buffer *views)
+{
+    for (int i = 0; i < n; i++) {
+        if (get_items(node, names[i], sizes[i], &views[i]) < 0) {
+            while (i-- > 0)
+                PyBuffer_Release(&views[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* First index with keys[i] >= key. */
 static Py_ssize_t
 lower_bound(const uint64_t *keys, Py_ssize_t n, uint64_t key)
@@ -182,13 +213,10 @@ add_page(PyObject *pages, uint64_t unit)
 static int
 child_of(PyObject *node, uint64_t key, uint64_t *addr)
 {
-    Py_buffer kv, cv;
-    if (get_items(node, s_keys, 8, &kv) < 0)
+    Py_buffer v[2];
+    if (get_node_arrays(node, 2, (PyObject *[]){s_keys, s_children}, (Py_ssize_t[]){8, 8}, v) < 0)
         return -1;
-    if (get_items(node, s_children, 8, &cv) < 0) {
-        PyBuffer_Release(&kv);
-        return -1;
-    }
+    Py_buffer kv = v[0], cv = v[1];
     Py_ssize_t i = upper_bound(kv.buf, kv.len / 8, key) - 1;
     if (i < 0)
         i = 0;
@@ -758,18 +786,11 @@ incref_blocks(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "incref_blocks: pages must be a set");
         return NULL;
     }
-    Py_buffer rc, sv, lv;
-    if (get_array(args[0], 1, &rc, "reference counts") < 0)
+    Py_buffer v[3];
+    if (get_arrays(3, (PyObject *[]){args[0], args[2], args[3]}, (Py_ssize_t[]){1, 8, 2},
+                   (const char *[]){"reference counts", "sectors", "lengths"}, v) < 0)
         return NULL;
-    if (get_array(args[2], 8, &sv, "sectors") < 0) {
-        PyBuffer_Release(&rc);
-        return NULL;
-    }
-    if (get_array(args[3], 2, &lv, "lengths") < 0) {
-        PyBuffer_Release(&sv);
-        PyBuffer_Release(&rc);
-        return NULL;
-    }
+    Py_buffer rc = v[0], sv = v[1], lv = v[2];
     unsigned char *counts = rc.buf;
     const uint64_t *sectors = sv.buf;
     const uint16_t *slens = lv.buf;
@@ -907,17 +928,11 @@ read_block_impl(PyObject *pool, PyObject *vol_id, long long offset, PyObject *wa
     }
     uint64_t sector, csum;
     int raw;
-    if (get_items(node, s_addrs, 8, &av) < 0)
+    Py_buffer v3[3];
+    if (get_node_arrays(node, 3, (PyObject *[]){s_addrs, s_csums, s_slens},
+                        (Py_ssize_t[]){8, 8, 2}, v3) < 0)
         goto done;
-    if (get_items(node, s_csums, 8, &sv) < 0) {
-        PyBuffer_Release(&av);
-        goto done;
-    }
-    if (get_items(node, s_slens, 2, &lv) < 0) {
-        PyBuffer_Release(&sv);
-        PyBuffer_Release(&av);
-        goto done;
-    }
+    av = v3[0], sv = v3[1], lv = v3[2];
     int in_range = j < av.len / 8 && j < sv.len / 8 && j < lv.len / 2;
     if (in_range) {
         sector = ((uint64_t *)av.buf)[j];
@@ -1014,18 +1029,11 @@ raw_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t i = PyLong_AsSsize_t(args[3]), j = PyLong_AsSsize_t(args[4]);
     if ((i == -1 || j == -1) && PyErr_Occurred())
         return NULL;
-    Py_buffer kv, av, lv;
-    if (get_array(args[0], 8, &kv, "keys") < 0)
+    Py_buffer v[3];
+    if (get_arrays(3, args, (Py_ssize_t[]){8, 8, 2},
+                   (const char *[]){"keys", "addrs", "lengths"}, v) < 0)
         return NULL;
-    if (get_array(args[1], 8, &av, "addrs") < 0) {
-        PyBuffer_Release(&kv);
-        return NULL;
-    }
-    if (get_array(args[2], 2, &lv, "lengths") < 0) {
-        PyBuffer_Release(&av);
-        PyBuffer_Release(&kv);
-        return NULL;
-    }
+    Py_buffer kv = v[0], av = v[1], lv = v[2];
     Py_ssize_t n = kv.len / 8, k = -1;
     if (av.len / 8 != n || lv.len / 2 != n)
         PyErr_SetString(PyExc_ValueError, "raw_run: keys, addrs and slens differ in length");
