@@ -21,6 +21,7 @@ import fcntl
 import logging
 import mmap
 import os
+import queue
 import random
 import threading
 from dataclasses import dataclass, field
@@ -33,6 +34,13 @@ PAGE = 4096  # granularity at which a power cut may keep or lose unsynced bytes
 # Writes of at least this many bytes (whole pages at a page offset) go to the
 # disk with O_DIRECT instead of through the host page cache (OsFile.pwrite).
 DIRECT_WRITE_MIN = 256 * 1024
+# Smaller page-aligned writes that follow one another in the file are gathered
+# into one write of up to this many bytes (OsFile.pwrite).
+STAGE_BYTES = DIRECT_WRITE_MIN
+# O_DIRECT writes are made from this many page-aligned buffers of this size by
+# a thread of their own (OsFile); a larger write is made at once, in the caller.
+WRITE_BUFFERS = 4
+WRITE_BUFFER_BYTES = 1 << 20
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +168,83 @@ class _WritebackThread:
             _sync_file_range(self._fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
+class _Job:
+    """One write handed to a :class:`_DirectWriter`: ``length`` bytes of
+    ``buf`` (page-aligned memory) at file offset ``offset``."""
+
+    __slots__ = ("buf", "length", "offset", "done", "error")
+
+    def __init__(self, buf: mmap.mmap, length: int, offset: int) -> None:
+        self.buf = buf
+        self.length = length
+        self.offset = offset
+        self.done = False
+        self.error: OSError | None = None
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int, name: str) -> None:
+    """pwrite all of ``view`` at ``offset``, resuming after short writes."""
+    n = len(view)
+    done = 0
+    while done < n:
+        more = os.pwrite(fd, view[done:], offset + done)
+        if more == 0:
+            raise OSError(errno.EIO, f"short write to {name}")
+        done += more
+
+
+class _DirectWriter:
+    """A thread that carries out :class:`_Job` writes on an O_DIRECT
+    descriptor, one at a time, in the order they were handed over.
+
+    It touches nothing but the job it is writing: the job's owner reads
+    ``done`` and ``error`` after :meth:`wait`.  With the disk write off the
+    request thread, the daemon receives and maps the next large write while
+    the disk takes this one: writing a volume sequentially with 1 MiB writes
+    cost about 370 us of waiting per MiB on that thread before.
+    """
+
+    def __init__(self, fd: int, name: str) -> None:
+        self._fd = fd
+        self._name = name
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._finished = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name=f"direct writes {name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, job: _Job) -> None:
+        """Queue ``job``; returns at once."""
+        self._queue.put(job)
+
+    def wait(self, job: _Job) -> None:
+        """Return once ``job`` is written or has failed."""
+        with self._finished:
+            while not job.done:
+                self._finished.wait()
+
+    def stop(self) -> None:
+        """Finish the queued jobs, then end the thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            try:
+                with memoryview(job.buf) as whole, whole[:job.length] as view:
+                    _pwrite_all(self._fd, view, job.offset, self._name)
+            except OSError as e:
+                # Without its traceback, whose frames would keep views of
+                # the buffer alive.
+                job.error = e.with_traceback(None)
+            with self._finished:
+                job.done = True
+                self._finished.notify_all()
+
+
 class OsFile:
     """A pool file backed by an OS file descriptor.
 
@@ -169,10 +254,27 @@ class OsFile:
     everything else on that path (half its time filling a volume with 1 MiB
     writes), and a cold cache made the fill run at 330 MiB/s on a disk that
     takes 2.7 GiB/s.  The kernel keeps the two descriptors coherent (a direct
-    write flushes and drops cached pages of its range), and durability is
-    unchanged: an O_DIRECT write may still sit in the disk's cache, so only
-    :meth:`sync` makes it durable, as for any other write.  Where the file
+    write flushes and drops cached pages of its range).  Where the file
     system refuses O_DIRECT (EINVAL), writes stay buffered.
+
+    Those writes are copied into one of ``WRITE_BUFFERS`` page-aligned
+    buffers (O_DIRECT needs aligned memory, so the copy was made anyway) and
+    written by a thread of the file's own (:class:`_DirectWriter`): pwrite
+    returns once the copy is made.  Smaller page-aligned writes are staged:
+    each that starts where the previous one ended is copied into one buffer,
+    which goes the same way once ``STAGE_BYTES`` are in it.  The engine
+    allocates fresh units in order, so random 4 KiB volume writes into free
+    space land one after the other: one disk write per 64 of them instead of
+    a page-cache write each and its writeback.
+
+    What that costs the contract, nothing: every read returns the newest
+    bytes (from a buffer that holds all of them, else after the buffers are
+    written); any other write waits for the buffered writes it overlaps;
+    :meth:`sync` writes and waits for all, then fdatasyncs, so what it
+    returns after is durable as before.  A buffered write that failed is
+    tried again, synchronously, by the next call that needs it written; if
+    that fails too the error is raised there (a write, a read of it, the
+    sync) and the write stays buffered for the next try.
     """
 
     def __init__(self, path: str, name: str, create: bool) -> None:
@@ -182,11 +284,25 @@ class OsFile:
         self.name = name
         self._direct_fd = -1          # opened at the first large write
         self._direct_ok = True        # False once the file system refused O_DIRECT
-        self._direct_buf: mmap.mmap | None = None   # page-aligned copy of the data
+        self._direct_buf: mmap.mmap | None = None   # aligned copy for an oversized write
+        self._writer: _DirectWriter | None = None   # started at the first buffered write
+        self._jobs: list[_Job] = []   # buffered writes not yet known written, oldest first
+        self._spare: list[mmap.mmap] = []            # buffers free for the next one
+        self._buffers = 0             # buffers made (at most WRITE_BUFFERS)
+        self._stage: mmap.mmap | None = None        # small writes gathered (class doc)
+        self._stage_at = 0            # file offset of the stage's first byte
+        self._staged = 0              # bytes staged, 0 when nothing is
+        self._small_end = -1          # where the last small write ended
         self._writeback: _WritebackThread | None = None   # started at the first hint
         self._nowait_ok = True        # False once the kernel refused RWF_NOWAIT reads
 
+    # -- reads -------------------------------------------------------------
+
     def pread(self, length: int, offset: int) -> bytes:
+        if self._staged or self._jobs:
+            held = self._held(length, offset)
+            if held is not None:
+                return held
         data = os.pread(self.fd, length, offset)
         if len(data) < length:
             # Short read: either EOF (pad with zeros) or an interrupted read.
@@ -202,7 +318,8 @@ class OsFile:
         # and has started the disk read (Linux 6.18 here: 199 of 199 refused
         # 4 KiB reads were cached 2 ms later).  A kernel that did not start it
         # costs only the overlap: the caller's blocking pread reads it then.
-        if not self._nowait_ok:
+        if not self._nowait_ok or ((self._staged or self._jobs)
+                                   and self._overlapped(offset, offset + length)):
             return self.pread(length, offset)
         buf = read_buffer(length)         # returned only if the read fills it
         try:
@@ -219,49 +336,183 @@ class OsFile:
         # Not all cached (or past the end, which pread pads): None.
         return buf if n == length else None
 
+    def _overlapped(self, start: int, end: int) -> bool:
+        """Whether a buffered write (staged or handed over) covers any byte
+        of ``[start, end)``."""
+        if self._staged and start < self._stage_at + self._staged and end > self._stage_at:
+            return True
+        return any(start < j.offset + j.length and end > j.offset for j in self._jobs)
+
+    def _held(self, length: int, offset: int) -> bytes | None:
+        """The ``length`` bytes at ``offset`` if the newest buffered write
+        over them holds all of them and no other buffered write touches them;
+        None otherwise, with every buffered write over them in the file."""
+        end = offset + length
+        holders = []
+        if self._staged and offset < self._stage_at + self._staged and end > self._stage_at:
+            holders.append((self._stage, self._stage_at, self._staged))
+        holders += [(j.buf, j.offset, j.length) for j in self._jobs
+                    if offset < j.offset + j.length and end > j.offset]
+        if not holders:
+            return None
+        buf, at, n = holders[0]
+        if len(holders) == 1 and at <= offset and end <= at + n:
+            assert buf is not None
+            return buf[offset - at:end - at]
+        self.flush_stage()
+        self._settle()
+        return None
+
+    # -- writes ------------------------------------------------------------
+
     def pwrite(self, data: bytes | memoryview, offset: int) -> None:
         n = len(data)
-        if n >= DIRECT_WRITE_MIN and self._direct_ok and not (offset | n) % PAGE:
-            if self._pwrite_direct(data, offset):
+        if n < STAGE_BYTES and not (offset | n) % PAGE:
+            if self._staged:
+                if offset == self._stage_at + self._staged and self._staged + n <= STAGE_BYTES:
+                    self._stage[self._staged:self._staged + n] = data   # type: ignore[index]
+                    self._staged += n
+                    return
+                self.flush_stage()
+            follows = offset == self._small_end
+            self._small_end = offset + n
+            if follows:
+                # The second of a run of writes one after the other: stage.
+                # (A write on its own, as random writes into reused space
+                # are, goes straight to the page cache below.)
+                if self._stage is None:
+                    self._stage = self._buffer()
+                self._stage[:n] = data
+                self._stage_at = offset
+                self._staged = n
                 return
-        done = os.pwrite(self.fd, data, offset)
-        while done < n:
-            more = os.pwrite(self.fd, memoryview(data)[done:], offset + done)
-            if more == 0:
-                raise OSError(errno.EIO, f"short write to {self.name}")
-            done += more
+        else:
+            if self._staged:
+                self.flush_stage()
+            if (DIRECT_WRITE_MIN <= n <= WRITE_BUFFER_BYTES and not (offset | n) % PAGE
+                    and self._open_direct()):
+                buf = self._buffer()
+                buf[:n] = data
+                self._hand_over(buf, n, offset)
+                return
+        if self._jobs and self._overlapped(offset, offset + n):
+            self._settle()          # where writes overlap, the newest lands last
+        self._write_out(data, offset)
 
-    def _pwrite_direct(self, data: bytes | memoryview, offset: int) -> bool:
-        """Write ``data`` with O_DIRECT; False (nothing written) where the
-        file system does not support it, so that the caller writes buffered."""
-        n = len(data)
-        try:
-            if self._direct_fd < 0:
+    def flush_stage(self) -> None:
+        """Send the staged bytes on their way to the file: handed to the
+        writer thread if there are enough for O_DIRECT, else written now
+        through the page cache.  On failure they stay staged."""
+        if not self._staged:
+            return
+        assert self._stage is not None
+        if self._staged >= DIRECT_WRITE_MIN and self._open_direct():
+            self._hand_over(self._stage, self._staged, self._stage_at)
+            self._stage = None
+        else:
+            if self._jobs and self._overlapped(self._stage_at, self._stage_at + self._staged):
+                self._settle()
+            with memoryview(self._stage) as whole, whole[:self._staged] as view:
+                self._write_out(view, self._stage_at)
+        self._staged = 0
+
+    def _open_direct(self) -> bool:
+        """Whether O_DIRECT writes can be made (the descriptor opened)."""
+        if self._direct_fd < 0 and self._direct_ok:
+            try:
                 self._direct_fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_DIRECT)
-            if self._direct_buf is None or len(self._direct_buf) < n:
-                if self._direct_buf is not None:
-                    self._direct_buf.close()
-                # O_DIRECT needs an aligned source: mmap memory is page-aligned.
-                self._direct_buf = mmap.mmap(-1, max(n, 1 << 20))
-            buf = self._direct_buf
-            buf[:n] = data
-            with memoryview(buf) as view:
-                done = 0
-                while done < n:
-                    more = os.pwrite(self._direct_fd, view[done:n], offset + done)
-                    if more == 0:
-                        raise OSError(errno.EIO, f"short write to {self.name}")
-                    done += more
-            return True
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            log.info("%s: the file system refuses O_DIRECT (%s); writing through the page "
-                     "cache", self.path, e.strerror)
-            self._direct_ok = False
-            return False
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._no_direct(e)
+        return self._direct_ok
+
+    def _no_direct(self, e: OSError) -> None:
+        log.info("%s: the file system refuses O_DIRECT (%s); writing through the page "
+                 "cache", self.path, e.strerror)
+        self._direct_ok = False
+
+    def _buffer(self) -> mmap.mmap:
+        """A free page-aligned buffer of WRITE_BUFFER_BYTES (anonymous mmap
+        memory is page-aligned), waiting for the oldest handed-over write
+        when all are in use."""
+        if self._spare:
+            return self._spare.pop()
+        if self._buffers < WRITE_BUFFERS:
+            self._buffers += 1
+            return mmap.mmap(-1, WRITE_BUFFER_BYTES)
+        self._settle(1)
+        return self._spare.pop()
+
+    def _hand_over(self, buf: mmap.mmap, n: int, offset: int) -> None:
+        if self._writer is None:
+            self._writer = _DirectWriter(self._direct_fd, self.name)
+        job = _Job(buf, n, offset)
+        self._jobs.append(job)
+        self._writer.submit(job)
+
+    def _settle(self, count: int | None = None) -> None:
+        """Wait for the oldest ``count`` handed-over writes (all by default)
+        and free their buffers; a failed one is written again here, and if
+        that fails too, raised (it stays first in line)."""
+        todo = len(self._jobs) if count is None else count
+        while todo and self._jobs:
+            job = self._jobs[0]
+            assert self._writer is not None
+            self._writer.wait(job)
+            if job.error is not None:
+                self._write_again()
+            self._jobs.pop(0)
+            self._spare.append(job.buf)
+            todo -= 1
+
+    def _write_again(self) -> None:
+        """The oldest handed-over write failed: once the writer is done with
+        the later ones, write it and every later one again, in order, here
+        (a later one may overlap it and must land after it)."""
+        assert self._writer is not None
+        for job in self._jobs:
+            self._writer.wait(job)
+        first = self._jobs[0]
+        log.warning("%s: a write of %d bytes at %d failed (%s); writing it again",
+                    self.name, first.length, first.offset, first.error)
+        for job in self._jobs:
+            with memoryview(job.buf) as whole, whole[:job.length] as view:
+                self._write_out(view, job.offset, aligned=True)
+
+    def _write_out(self, data: bytes | memoryview, offset: int, aligned: bool = False) -> None:
+        """Write ``data`` to the file now, in this thread: large page-aligned
+        writes with O_DIRECT, others through the page cache.  ``aligned``:
+        ``data`` starts on a page boundary in memory (no copy needed)."""
+        n = len(data)
+        if n >= DIRECT_WRITE_MIN and not (offset | n) % PAGE and self._open_direct():
+            try:
+                if aligned:
+                    with memoryview(data) as view:
+                        _pwrite_all(self._direct_fd, view, offset, self.name)
+                    return
+                if self._direct_buf is None or len(self._direct_buf) < n:
+                    if self._direct_buf is not None:
+                        self._direct_buf.close()
+                    self._direct_buf = mmap.mmap(-1, n)
+                self._direct_buf[:n] = data
+                with memoryview(self._direct_buf) as whole, whole[:n] as view:
+                    _pwrite_all(self._direct_fd, view, offset, self.name)
+                return
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._no_direct(e)
+        done = os.pwrite(self.fd, data, offset)
+        if done < n:
+            with memoryview(data) as view:
+                _pwrite_all(self.fd, view[done:], offset + done, self.name)
+
+    # -- the rest of the interface -----------------------------------------
 
     def sync(self) -> None:
+        self.flush_stage()
+        self._settle()
         os.fdatasync(self.fd)
 
     def start_writeback(self) -> None:
@@ -274,6 +525,8 @@ class OsFile:
         self._writeback.request()
 
     def size(self) -> int:
+        self.flush_stage()      # buffered bytes may end past the file's end
+        self._settle()
         return os.fstat(self.fd).st_size
 
     def allocate(self, size: int) -> None:
@@ -282,19 +535,31 @@ class OsFile:
             os.posix_fallocate(self.fd, cur, size - cur)
 
     def close(self) -> None:
-        if self._writeback is not None:
-            # Before the descriptor goes: its number may be reused at once.
-            self._writeback.stop()
-            self._writeback = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        if self._direct_fd >= 0:
-            os.close(self._direct_fd)
-            self._direct_fd = -1
-        if self._direct_buf is not None:
-            self._direct_buf.close()
-            self._direct_buf = None
+        if self.fd >= 0 and (self._staged or self._jobs):
+            # Not durable either way: a pool closes after its last sync, so
+            # only one that gave its unsynced changes up gets here.
+            try:
+                self.flush_stage()
+                self._settle()
+            except OSError as e:
+                log.warning("%s: buffered writes dropped at close (%s)", self.name, e)
+        for thread in (self._writer, self._writeback):
+            # Before the descriptors go: their numbers may be reused at once.
+            if thread is not None:
+                thread.stop()
+        self._writer = self._writeback = None
+        for fd in (self.fd, self._direct_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self._direct_fd = -1
+        for buf in [self._direct_buf, self._stage, *self._spare, *(j.buf for j in self._jobs)]:
+            try:
+                if buf is not None:
+                    buf.close()
+            except BufferError:
+                pass    # a view of it lives on (in a traceback): freed with it
+        self._direct_buf = self._stage = None
+        self._spare, self._jobs, self._staged = [], [], 0
 
 
 class OsStorage:

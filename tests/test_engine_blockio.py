@@ -4,6 +4,7 @@ small ones through it, and every read sees the newest bytes either way."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import random
 import subprocess
@@ -15,6 +16,8 @@ import pytest
 
 from cowfs import blockio
 from cowfs.blockio import DIRECT_WRITE_MIN, PAGE, OsStorage
+from cowfs.errors import PoolError
+from cowfs.pool import Pool
 
 FILE_SIZE = 8 << 20
 
@@ -198,3 +201,235 @@ def test_pread_cached_without_nowait_support_waits(tmp_path: Path,
     assert f.pread_cached(PAGE, 0) == b"x" * PAGE
     assert len(calls) == 1, "asked again after the kernel refused"
     f.close()
+
+
+def slow_background_writes(monkeypatch: pytest.MonkeyPatch, seconds: float = 0.002) -> None:
+    """Make every write of the writer threads take ``seconds`` longer, so
+    that later calls find handed-over writes still in flight."""
+    real_pwrite = os.pwrite
+
+    def slow(fd, data, offset):
+        if threading.current_thread().name.startswith("direct writes"):
+            time.sleep(seconds)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(blockio.os, "pwrite", slow)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_staged_and_handed_over_writes_agree_with_a_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    """Proves: with the writer thread slowed down, a random mix of runs of
+    small writes one after the other (staged), 256 KiB-1 MiB writes (handed
+    to the thread), oversized and unaligned writes (made at once), rewrites
+    of ranges still in flight, reads and cached reads over all of it and
+    syncs always reads what a bytearray model holds, and after close the
+    file on disk is the model; and that reads did meet staged bytes and
+    writes in flight."""
+    slow_background_writes(monkeypatch)
+    rng = random.Random(seed)
+    f = OsStorage(str(tmp_path)).open("data", create=True)
+    f.allocate(FILE_SIZE)
+    model = bytearray(FILE_SIZE)
+    seen = {"staged": 0, "in flight": 0, "handed over": 0}
+    recent: list[tuple[int, int]] = []
+
+    def write(offset: int, data: bytes) -> None:
+        f.pwrite(data, offset)
+        model[offset:offset + len(data)] = data
+        recent.append((offset, len(data)))
+        seen["handed over"] += len(f._jobs) > 0
+
+    def check_read(offset: int, length: int, step: int) -> None:
+        seen["staged"] += f._staged > 0 and f._overlapped(offset, offset + length)
+        seen["in flight"] += any(not j.done for j in f._jobs)
+        want = model[offset:offset + length]
+        got = f.pread_cached(length, offset) if rng.random() < 0.5 else f.pread(length, offset)
+        if got is not None:     # pread_cached: None only for bytes not cached
+            assert got == want, f"seed {seed} step {step}: {length} bytes at {offset}"
+
+    def near_recent(length: int) -> int:
+        """A page-aligned offset for ``length`` bytes: often inside the
+        latest write (which may still be staged or in flight), else anywhere."""
+        where = rng.random()
+        if recent and where < 0.5:
+            o, n = recent[-1]
+            if where < 0.2:     # just before it: a run of writes runs into it
+                offset = max(0, o - rng.randrange(1, 3) * PAGE)
+            else:
+                offset = o + rng.randrange(0, max(1, n // PAGE)) * PAGE
+        else:
+            offset = rng.randrange(0, FILE_SIZE // PAGE) * PAGE
+        return min(offset // PAGE * PAGE, (FILE_SIZE - length) // PAGE * PAGE)
+
+    for step in range(150):
+        kind = rng.random()
+        if kind < 0.35:       # a run of small writes one after the other
+            size = rng.choice([PAGE, 2 * PAGE])
+            count = rng.randrange(2, 100)
+            offset = near_recent(size * count)
+            for i in range(count):
+                write(offset + i * size, rng.randbytes(size))
+        elif kind < 0.6:      # a large write, or a rewrite of one still in flight
+            length = rng.choice([DIRECT_WRITE_MIN, 2 * DIRECT_WRITE_MIN, 1 << 20])
+            write(near_recent(length), rng.randbytes(length))
+        elif kind < 0.7:      # oversized, or unaligned, or a lone small write
+            length = rng.choice([2 << 20, rng.randrange(1, 3 * PAGE), PAGE])
+            offset = near_recent(length)
+            if length != PAGE and rng.random() < 0.5:
+                offset += rng.randrange(1, PAGE) if offset + length < FILE_SIZE - PAGE else 0
+            write(offset, rng.randbytes(length))
+        elif kind < 0.75:
+            f.sync()
+        for _ in range(3):    # reads over what was just written and around it
+            o, n = recent[-1] if recent else (0, PAGE)
+            r_off = max(0, o - rng.randrange(0, 3) * PAGE + rng.randrange(0, 2) * rng.randrange(PAGE))
+            r_len = max(1, min(FILE_SIZE - r_off, rng.choice([PAGE, n, n + 2 * PAGE, 1])))
+            check_read(r_off, r_len, step)
+        if len(recent) > 50:
+            del recent[:-10]
+    assert all(seen.values()), f"seed {seed}: a path was never taken: {seen}"
+    f.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("direct writes")]
+    assert (tmp_path / "data").read_bytes() == model, f"seed {seed}: file on disk differs"
+
+
+def test_failed_background_write_is_made_again_before_later_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Proves: when the writer thread's write of A fails and a later write B
+    over the same bytes succeeds, the next call that needs them written
+    (here sync) writes A and then B again, in that order, so the file ends
+    with B; the failure is logged, not lost."""
+    slow_background_writes(monkeypatch, 0.0)
+    real_pwrite = blockio.os.pwrite
+    failures = []
+
+    def fail_first(fd, data, offset):
+        if threading.current_thread().name.startswith("direct writes") and not failures:
+            failures.append(offset)
+            raise OSError(errno.EIO, "injected EIO")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(blockio.os, "pwrite", fail_first)
+    f = OsStorage(str(tmp_path)).open("data", create=True)
+    a, b = b"a" * DIRECT_WRITE_MIN, b"b" * DIRECT_WRITE_MIN
+    f.pwrite(a, 0)
+    f.pwrite(b, 0)
+    with caplog.at_level(logging.WARNING, logger="cowfs.blockio"):
+        f.sync()
+    assert failures == [0]
+    assert "injected EIO" in caplog.text and "writing it again" in caplog.text
+    assert f.pread(DIRECT_WRITE_MIN, 0) == b
+    f.close()
+    assert (tmp_path / "data").read_bytes() == b
+
+
+def test_write_failing_for_good_is_raised_at_sync_and_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Proves: while the disk refuses every O_DIRECT write, a large write
+    still returns at once and reads back from its buffer, each sync raises
+    the disk's error, and once the disk takes writes again the next sync
+    writes it: nothing acknowledged is silently dropped."""
+    f = OsStorage(str(tmp_path)).open("data", create=True)
+    data = random.Random(8).randbytes(DIRECT_WRITE_MIN * 2)
+    real_pwrite = blockio.os.pwrite
+    broken = [True]
+
+    def refuse_direct(fd, buf, offset):
+        if broken[0] and fd == f._direct_fd:
+            raise OSError(errno.EIO, "injected EIO")
+        return real_pwrite(fd, buf, offset)
+
+    monkeypatch.setattr(blockio.os, "pwrite", refuse_direct)
+    f.pwrite(data, PAGE * 16)
+    assert f.pread(len(data), PAGE * 16) == data
+    for _ in range(2):
+        with pytest.raises(OSError) as info:
+            f.sync()
+        assert info.value.errno == errno.EIO
+    assert f.pread(PAGE, PAGE * 17) == data[PAGE:2 * PAGE]
+    broken[0] = False
+    f.sync()
+    f.close()
+    assert (tmp_path / "data").read_bytes()[PAGE * 16:] == data
+
+
+def test_pool_whose_handed_over_write_fails_gives_it_up_at_fsync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Proves, on a pool on real files: a 1 MiB volume write the disk then
+    refuses is acknowledged (handed over), but the fsync after it fails
+    with EIO, the pool serves its durable state read-only, and a remount
+    finds every byte that an fsync acknowledged."""
+    storage = OsStorage(str(tmp_path))
+    Pool.mkfs(storage, compression=False)
+    pool = Pool.open(storage)
+    vid = pool.create_volume("disk", 4 << 20).id
+    durable = random.Random(4).randbytes(1 << 20)
+    pool.write(vid, 0, durable)
+    pool.sync()
+    real_pwrite = blockio.os.pwrite
+
+    def refuse_direct(fd, buf, offset):
+        if fd == pool.data._direct_fd:
+            raise OSError(errno.EIO, "injected EIO")
+        return real_pwrite(fd, buf, offset)
+
+    monkeypatch.setattr(blockio.os, "pwrite", refuse_direct)
+    pool.write(vid, 0, bytes([7]) * (1 << 20))
+    with pytest.raises(PoolError) as info:
+        pool.sync()
+    assert info.value.errno == errno.EIO
+    monkeypatch.setattr(blockio.os, "pwrite", real_pwrite)
+    assert pool.read(vid, 0, 1 << 20) == durable
+    with pytest.raises(PoolError) as info:
+        pool.write(vid, 0, b"x")
+    assert info.value.errno == errno.EROFS
+    pool.close()
+    pool = Pool.open(storage)
+    assert pool.read(vid, 0, 1 << 20) == durable
+    assert pool.check() == []
+    pool.close()
+
+
+def test_writes_over_bytes_in_flight_land_after_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Proves: while the writer thread is held in the middle of a 256 KiB
+    write J, an unaligned write inside J (made at once) waits for J, and so
+    does a run of small writes that runs into J's range (staged, then
+    written through the page cache as a partial stage): the file ends with
+    their bytes over J's, not J's over theirs."""
+    gates: list[threading.Event] = []
+    real_pwrite = os.pwrite
+
+    def held(fd, data, offset):
+        if threading.current_thread().name.startswith("direct writes"):
+            assert gates[-1].wait(10), "the writer thread was never let go"
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(blockio.os, "pwrite", held)
+    f = OsStorage(str(tmp_path)).open("data", create=True)
+    at = 16 * PAGE
+    model = bytearray(at + 2 * DIRECT_WRITE_MIN)
+    f.allocate(len(model))
+
+    def write(data: bytes, offset: int) -> None:
+        f.pwrite(data, offset)
+        model[offset:offset + len(data)] = data
+
+    def hold_j(fill: bytes) -> None:
+        gates.append(threading.Event())
+        write(fill * DIRECT_WRITE_MIN, at)
+        assert len(f._jobs) == 1 and not f._jobs[0].done
+        threading.Timer(0.05, gates[-1].set).start()
+
+    hold_j(b"j")
+    write(b"u" * 100, at + 5 * PAGE + 7)             # unaligned, inside J
+    assert f.pread(len(model), 0) == model
+    hold_j(b"k")
+    for i, c in enumerate(b"abc"):                   # the run starts a page before J
+        write(bytes([c]) * PAGE, at - PAGE + i * PAGE)
+    assert f._staged == 2 * PAGE and not f._jobs[0].done
+    write(b"z" * PAGE, at + DIRECT_WRITE_MIN + PAGE)  # sends the stage on its way
+    f.sync()
+    f.close()
+    assert (tmp_path / "data").read_bytes() == model
