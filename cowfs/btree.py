@@ -52,6 +52,9 @@ class DataRefs(Protocol):
     def drop(self, sector: int, slen: int) -> None:
         """One leaf pointer to this stored block went away."""
 
+    def drop_all(self, sectors: array, slens: array, start: int, end: int) -> None:
+        """:meth:`drop` for pointers ``start`` to ``end - 1`` of a leaf."""
+
 
 class Entries:
     """Sorted leaf entries to install: parallel arrays keys/addrs/csums/slens."""
@@ -287,9 +290,7 @@ class Tree:
         node = self.store.get(addr)
         self.store.forget(addr)
         if node.leaf:
-            drop = self.refs.drop
-            for a, s in zip(node.addrs, node.slens):
-                drop(a, s)
+            self.refs.drop_all(node.addrs, node.slens, 0, len(node.addrs))
         else:
             for c in node.children:
                 self._drop_subtree(c)
@@ -303,9 +304,7 @@ class Tree:
             b = bisect_left(keys, hi)
             before = len(keys)
             if b > a:
-                drop = self.refs.drop
-                for i in range(a, b):
-                    drop(node.addrs[i], node.slens[i])
+                self.refs.drop_all(node.addrs, node.slens, a, b)
             self.delta += len(ent) - (b - a)
             keys[a:b] = ent.keys
             node.addrs[a:b] = ent.addrs

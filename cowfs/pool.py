@@ -46,7 +46,7 @@ from .journal import (ATTR, CREATE, ONE_ID, R_ATTR, R_CREATE, R_DELETE, R_RENAME
                       replay)
 from .snapshots import SnapshotOps
 from .spacemap import SYSTEM, RefTable
-from ._oneblock import first_bad, incref_blocks, raw_run, read_block, write_block
+from ._oneblock import decref_blocks, first_bad, incref_blocks, raw_run, read_block, write_block
 
 log = logging.getLogger(__name__)
 
@@ -1360,6 +1360,16 @@ class Pool(SnapshotOps):
             return
         for u in units_of(sector, slen):
             self.drc.decref(u)
+
+    def drop_all(self, sectors: array, slens: array, start: int, end: int) -> None:
+        """:meth:`drop` for pointers ``start`` to ``end - 1`` of a leaf."""
+        # In one C call unless a count is not in its byte (the old pointers
+        # of a 1 MiB overwrite: 256 drops, most of the request's Python).
+        if decref_blocks(self.drc.rc, self.drc.dirty_pages, self.drc.pending,
+                         sectors, slens, start, end):
+            return
+        for i in range(start, end):
+            self.drop(sectors[i], slens[i])
 
     # -- space and consistency -------------------------------------------------------
 

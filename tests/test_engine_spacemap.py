@@ -7,7 +7,8 @@ keeps up to date, instead of counting the table on every write and every
 random sequence of every operation that changes the table checks that the
 answer always equals a full count.  The C ``incref_blocks`` (the references
 of a copied leaf) must leave the table as ``incref`` of each unit in turn
-would, or unchanged.
+would, or unchanged; so must ``decref_blocks`` (the old pointers a write
+replaces) against ``decref`` of each unit in turn.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from cowfs._oneblock import incref_blocks
+from cowfs._oneblock import decref_blocks, incref_blocks
 from cowfs.format import BLOCK, SECTOR, SECTORS_PER_BLOCK, units_of
 from cowfs.spacemap import MAX_DIRECT, PAGE_SHIFT, PAGE_UNITS, PENDING, RESERVED, SYSTEM, RefTable
 
@@ -92,6 +93,19 @@ _RAW = BLOCK  # the stored length of a raw block
 _UNITS_SEEN = (0, 1, 7, PAGE_UNITS + 3)
 
 
+def _table(starts: list[int]) -> RefTable:
+    """A table whose units _UNITS_SEEN hold counts (or markers) ``starts``."""
+    t = RefTable(2 * PAGE_UNITS + 1)
+    for u, v in zip(_UNITS_SEEN, starts):
+        if v in (RESERVED, PENDING):
+            t.set_marker(u, v)
+        for _ in range(v if v not in (RESERVED, PENDING) else 0):
+            t.incref(u)
+    t.dirty_pages.clear()
+    t.pending.clear()
+    return t
+
+
 # Leaves of raw blocks (the usual leaf), and leaves with anything in them:
 # compressed blocks packed anywhere in a unit or across two, empty or too
 # long lengths, units beyond the table.
@@ -121,17 +135,7 @@ def test_incref_blocks_is_take_in_turn_or_nothing(
     exactly when every length is 1 to BLOCK bytes, every unit is in the table
     and no count leaves 1..MAX_DIRECT (a unit met twice included), and marks
     no page outside the leaf's."""
-    tables = []
-    for _ in range(2):
-        t = RefTable(2 * PAGE_UNITS + 1)
-        for u, v in zip(_UNITS_SEEN, starts):
-            if v in (RESERVED, PENDING):
-                t.set_marker(u, v)
-            for _ in range(v if v not in (RESERVED, PENDING) else 0):
-                t.incref(u)
-        t.dirty_pages.clear()
-        tables.append(t)
-    python, c = tables
+    python, c = _table(starts), _table(starts)
     # Pointers: a unit's first sector plus an offset in sectors, a length.
     sectors = array("Q", [u * SECTORS_PER_BLOCK + off for u, _, off in pointers])
     slens = array("H", [n for _, n, _ in pointers])
@@ -173,3 +177,89 @@ def test_incref_blocks_refuses_mismatched_or_wrong_arrays() -> None:
     assert bytes(t.rc) == before
     assert incref_blocks(t.rc, t.dirty_pages, one, array("H", [BLOCK])) is True
     assert t.count(3) == 2
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.lists(_usual_pointer, max_size=40), st.lists(_any_pointer, max_size=40)),
+       st.lists(st.sampled_from([0, 1, 1, 2, 3, MAX_DIRECT - 1, MAX_DIRECT, MAX_DIRECT + 10,
+                                 RESERVED, PENDING]), min_size=4, max_size=4),
+       st.integers(0, 40), st.integers(0, 44))
+@example([(1, _RAW, 1)], [0, 1, 1, 0], 0, 1)                              # spans units 1 and 2
+@example([(1, _RAW, 0)], [0, MAX_DIRECT + 10, 0, 0], 0, 1)                # in overflow
+@example([(7, _RAW, 0), (1, _RAW, 0), (1, _RAW, 0)], [0, 2, 3, 0], 0, 3)  # twice, to 0
+@example([(7, _RAW, 0), (1, _RAW, 0), (1, _RAW, 0)], [0, 1, 3, 0], 0, 3)  # twice, past 0
+@example([(2 * PAGE_UNITS, _RAW, 1)], [1, 1, 1, 1], 0, 1)                 # runs off the table
+@example([(1, 0, 0)], [0, 1, 0, 0], 0, 1)                                 # empty
+@example([(0, _RAW + SECTOR, 0)], [1, 1, 0, 0], 0, 1)                     # too long
+@example([(0, _RAW, 0), (1, _RAW, 0)], [1, 1, 0, 0], 1, 42)               # end past the leaf
+@example([(7, _RAW, 0), (0, _RAW, 0), (1, _RAW, 0)], [1, 1, 0, 1], 1, 2)  # two reach 0
+def test_decref_blocks_is_drop_in_turn_or_nothing(
+        pointers: list[tuple[int, int, int]], starts: list[int], start: int, end: int) -> None:
+    """Proves: the C decref_blocks of pointers start..end-1 either drops
+    exactly the references that RefTable.decref of each unit of each of them
+    in turn would (units_of: what Pool.drop does) -- counts, PENDING units
+    and the pending list in the same order, free count and dirty pages
+    alike -- and answers True; or changes no count and no pending list and
+    answers False.  True exactly when start <= end <= the leaf's length,
+    every length is 1 to BLOCK bytes, every unit is in the table and every
+    count is 1 to MAX_DIRECT when dropped (a unit met twice included); it
+    marks no page outside the pointers'."""
+    if end <= 40:
+        # Mostly a range inside the leaf (end 41 and over: past it).
+        start = start % (len(pointers) + 1)
+        end = start + end % (len(pointers) + 1 - start)
+    python, c = _table(starts), _table(starts)
+    sectors = array("Q", [u * SECTORS_PER_BLOCK + off for u, _, off in pointers])
+    slens = array("H", [n for _, n, _ in pointers])
+    span = range(start, min(end, len(pointers)))
+    units = [u for i in span for u in units_of(sectors[i], slens[i])]
+    expect = (start <= end <= len(pointers) and all(1 <= slens[i] <= BLOCK for i in span)
+              and all(u < len(python) for u in units))
+    if expect:
+        left: dict[int, int] = {}
+        for u in units:
+            left[u] = left.get(u, python.rc[u])
+            expect = expect and 1 <= left[u] <= MAX_DIRECT
+            left[u] -= 1
+    before = (bytes(c.rc), dict(c.overflow))
+    answer = decref_blocks(c.rc, c.dirty_pages, c.pending, sectors, slens, start, end)
+    assert answer == expect
+    if answer:
+        for u in units:
+            python.decref(u)
+        assert (c.rc, c.overflow, c.pending, c.free_units(), c.dirty_pages) == \
+            (python.rc, python.overflow, python.pending, python.free_units(), python.dirty_pages)
+    else:
+        assert (bytes(c.rc), dict(c.overflow)) == before and c.pending == []
+        assert c.free_units() == python.free_units()
+        assert c.dirty_pages <= {u >> PAGE_SHIFT for u in units}
+
+
+def test_decref_blocks_refuses_wrong_arguments() -> None:
+    """Proves: arrays of different lengths and start/end outside the leaf
+    are left to Python (False, no change); arrays of the wrong item size, a
+    pages argument that is not a set and a pending one that is not a list
+    are refused with TypeError before anything changes."""
+    t = RefTable(8)
+    t.incref(3)
+    t.incref(3)
+    before = bytes(t.rc)
+    one = array("Q", [3 * SECTORS_PER_BLOCK])
+    raw = array("H", [BLOCK])
+    for args in ((one, array("H", [])), (one, array("H", [BLOCK, BLOCK]))):
+        assert decref_blocks(t.rc, t.dirty_pages, t.pending, *args, 0, 1) is False
+    for start, end in ((-1, 1), (1, 0), (0, 2)):
+        assert decref_blocks(t.rc, t.dirty_pages, t.pending, one, raw, start, end) is False
+    for bad in ((t.rc, t.dirty_pages, t.pending, array("I", [3]), raw, 0, 1),
+                (t.rc, t.dirty_pages, t.pending, one, array("Q", [BLOCK]), 0, 1),
+                (t.rc, list(t.dirty_pages), t.pending, one, raw, 0, 1),
+                (t.rc, t.dirty_pages, tuple(t.pending), one, raw, 0, 1),
+                (t.rc, t.dirty_pages, t.pending, one, raw, 0)):
+        with pytest.raises(TypeError):
+            decref_blocks(*bad)
+    assert bytes(t.rc) == before and t.pending == []
+    assert decref_blocks(t.rc, t.dirty_pages, t.pending, one, raw, 0, 1) is True
+    assert t.count(3) == 1 and t.pending == []
+    assert decref_blocks(t.rc, t.dirty_pages, t.pending, one, raw, 0, 1) is True
+    assert t.rc[3] == PENDING and t.pending == [3]
+    assert decref_blocks(t.rc, t.dirty_pages, t.pending, one, raw, 0, 1) is False
