@@ -20,8 +20,8 @@
  * that was most of the copy's cost.  incref_blocks() does it for any leaf
  * whose counts stay below MAX_DIRECT and leaves the rest to Python.
  * decref_blocks() is the other way: the old pointers a write replaces
- * (256 for a 1 MiB overwrite, about 40% of the request thread's CPU for it
- * in Python), dropped in one call.
+ * (256 for a 1 MiB overwrite, about a quarter of the CPU it cost in
+ * process when done in Python), dropped in one call.
  *
  * A read of many blocks (a 1 MiB sequential read: 256) spent most of its
  * time in a Python loop per block.  raw_run() finds where a run of raw

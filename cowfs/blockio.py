@@ -200,8 +200,9 @@ class _DirectWriter:
     It touches nothing but the job it is writing: the job's owner reads
     ``done`` and ``error`` after :meth:`wait`.  With the disk write off the
     request thread, the daemon receives and maps the next large write while
-    the disk takes this one: writing a volume sequentially with 1 MiB writes
-    cost about 370 us of waiting per MiB on that thread before.
+    the disk takes this one (a 1 MiB O_DIRECT write took 256 us at queue
+    depth 1 on the development VM's disk, and the request thread waited for
+    every one).
     """
 
     def __init__(self, fd: int, name: str) -> None:
