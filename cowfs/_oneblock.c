@@ -1293,8 +1293,9 @@ intern_names(void)
 static struct PyModuleDef moduledef = {
     PyModuleDef_HEAD_INIT, "cowfs._oneblock",
     "The engine's hot paths in C: the one-block write (write_block) and read "
-    "(read_block), a copied leaf's references (incref_blocks) and reads of "
-    "many blocks (raw_run, first_bad, read_buffer).", -1, methods,
+    "(read_block), a copied leaf's references (incref_blocks), the replaced "
+    "pointers' (decref_blocks) and reads of many blocks (raw_run, first_bad, "
+    "read_buffer).", -1, methods,
 };
 
 PyMODINIT_FUNC

@@ -38,7 +38,7 @@ DIRECT_WRITE_MIN = 256 * 1024
 # into one write of up to this many bytes (OsFile.pwrite).
 STAGE_BYTES = DIRECT_WRITE_MIN
 # O_DIRECT writes are made from this many page-aligned buffers of this size by
-# a thread of their own (OsFile); a larger write is made at once, in the caller.
+# a thread of their own (OsFile); a larger write takes several in turn.
 WRITE_BUFFERS = 4
 WRITE_BUFFER_BYTES = 1 << 20
 
@@ -258,8 +258,9 @@ class OsFile:
     write flushes and drops cached pages of its range).  Where the file
     system refuses O_DIRECT (EINVAL), writes stay buffered.
 
-    Those writes are copied into one of ``WRITE_BUFFERS`` page-aligned
-    buffers (O_DIRECT needs aligned memory, so the copy was made anyway) and
+    Those writes are copied, ``WRITE_BUFFER_BYTES`` at a time, into one of
+    ``WRITE_BUFFERS`` page-aligned buffers each (O_DIRECT needs aligned
+    memory, so the copy was made anyway) and
     written by a thread of the file's own (:class:`_DirectWriter`): pwrite
     returns once the copy is made.  Smaller page-aligned writes are staged:
     each that starts where the previous one ended is copied into one buffer,
@@ -285,7 +286,6 @@ class OsFile:
         self.name = name
         self._direct_fd = -1          # opened at the first large write
         self._direct_ok = True        # False once the file system refused O_DIRECT
-        self._direct_buf: mmap.mmap | None = None   # aligned copy for an oversized write
         self._writer: _DirectWriter | None = None   # started at the first buffered write
         self._jobs: list[_Job] = []   # buffered writes not yet known written, oldest first
         self._spare: list[mmap.mmap] = []            # buffers free for the next one
@@ -390,11 +390,13 @@ class OsFile:
         else:
             if self._staged:
                 self.flush_stage()
-            if (DIRECT_WRITE_MIN <= n <= WRITE_BUFFER_BYTES and not (offset | n) % PAGE
-                    and self._open_direct()):
-                buf = self._buffer()
-                buf[:n] = data
-                self._hand_over(buf, n, offset)
+            if not (offset | n) % PAGE and self._open_direct():
+                view = memoryview(data).cast("B")
+                for at in range(0, n, WRITE_BUFFER_BYTES):
+                    part = view[at:at + WRITE_BUFFER_BYTES]
+                    buf = self._buffer()
+                    buf[:len(part)] = part
+                    self._hand_over(buf, len(part), offset + at)
                 return
         if self._jobs and self._overlapped(offset, offset + n):
             self._settle()          # where writes overlap, the newest lands last
@@ -479,25 +481,17 @@ class OsFile:
                     self.name, first.length, first.offset, first.error)
         for job in self._jobs:
             with memoryview(job.buf) as whole, whole[:job.length] as view:
-                self._write_out(view, job.offset, aligned=True)
+                self._write_out(view, job.offset)
 
-    def _write_out(self, data: bytes | memoryview, offset: int, aligned: bool = False) -> None:
+    def _write_out(self, data: bytes | memoryview, offset: int) -> None:
         """Write ``data`` to the file now, in this thread: large page-aligned
-        writes with O_DIRECT, others through the page cache.  ``aligned``:
-        ``data`` starts on a page boundary in memory (no copy needed)."""
+        writes with O_DIRECT, others through the page cache.  Large aligned
+        writes only come here from a buffer (page-aligned memory, as O_DIRECT
+        needs): pwrite hands every other one over."""
         n = len(data)
         if n >= DIRECT_WRITE_MIN and not (offset | n) % PAGE and self._open_direct():
             try:
-                if aligned:
-                    with memoryview(data) as view:
-                        _pwrite_all(self._direct_fd, view, offset, self.name)
-                    return
-                if self._direct_buf is None or len(self._direct_buf) < n:
-                    if self._direct_buf is not None:
-                        self._direct_buf.close()
-                    self._direct_buf = mmap.mmap(-1, n)
-                self._direct_buf[:n] = data
-                with memoryview(self._direct_buf) as whole, whole[:n] as view:
+                with memoryview(data) as view:
                     _pwrite_all(self._direct_fd, view, offset, self.name)
                 return
             except OSError as e:
@@ -553,13 +547,13 @@ class OsFile:
             if fd >= 0:
                 os.close(fd)
         self.fd = self._direct_fd = -1
-        for buf in [self._direct_buf, self._stage, *self._spare, *(j.buf for j in self._jobs)]:
+        for buf in [self._stage, *self._spare, *(j.buf for j in self._jobs)]:
             try:
                 if buf is not None:
                     buf.close()
             except BufferError:
                 pass    # a view of it lives on (in a traceback): freed with it
-        self._direct_buf = self._stage = None
+        self._stage = None
         self._spare, self._jobs, self._staged = [], [], 0
 
 

@@ -221,7 +221,8 @@ def test_staged_and_handed_over_writes_agree_with_a_model(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
     """Proves: with the writer thread slowed down, a random mix of runs of
     small writes one after the other (staged), 256 KiB-1 MiB writes (handed
-    to the thread), oversized and unaligned writes (made at once), rewrites
+    to the thread), 2 MiB writes (handed over in 1 MiB pieces), unaligned
+    writes (made at once), rewrites
     of ranges still in flight, reads and cached reads over all of it and
     syncs always reads what a bytearray model holds, and after close the
     file on disk is the model; and that reads did meet staged bytes and
