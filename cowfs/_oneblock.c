@@ -459,6 +459,30 @@ checksum_of(PyObject *buf, uint64_t *out)
     return (*out == (uint64_t)-1 && PyErr_Occurred()) ? -1 : 0;
 }
 
+/* checksum_of() the BLOCK bytes at p. */
+static int
+block_checksum(const char *p, uint64_t *out)
+{
+    PyObject *part = PyMemoryView_FromMemory((char *)p, BLOCK, PyBUF_READ);
+    int r = part == NULL ? -1 : checksum_of(part, out);
+    Py_XDECREF(part);
+    return r;
+}
+
+/* A read-only view of blocks ``data`` and a writable one of the array('Q')
+ * of checksums ``sums``; -1 (nothing held) on failure. */
+static int
+get_blocks_and_sums(PyObject *data, PyObject *sums, Py_buffer *bv, Py_buffer *cv)
+{
+    if (PyObject_GetBuffer(data, bv, PyBUF_SIMPLE) < 0)
+        return -1;
+    if (get_array(sums, 8, cv, "checksums") < 0) {
+        PyBuffer_Release(bv);
+        return -1;
+    }
+    return 0;
+}
+
 /* What the general path's Pool._Mutation does when a change fails half way:
  * the pool reloads its durable state before the next request, and the
  * caller sees EIO.  Called with the failure's exception set; returns NULL
@@ -946,6 +970,66 @@ decref_blocks(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return ok < 0 ? NULL : PyBool_FromLong(ok);
 }
 
+PyDoc_STRVAR(release_pending_doc,
+"release_pending(rc, pending) -> int\n\n"
+"The loop of RefTable.release_pending: every unit of the list ``pending``\n"
+"whose byte in ``rc`` (RefTable.rc) is PENDING becomes 0 (free); answers how\n"
+"many did.  A unit met twice counts once.  An item that is not an int, or\n"
+"not a unit of the table, raises (TypeError, IndexError) with nothing\n"
+"changed.  The list itself is left to the caller.");
+
+/* In Python this loop took 229 ns per unit (random units of a 4 GiB
+ * table): about 60 us per MiB of overwrites, which free 256 units each. */
+static PyObject *
+release_pending(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyList_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "release_pending takes a reference-count table and a list");
+        return NULL;
+    }
+    PyObject *pending = args[1];
+    Py_buffer rc;
+    if (get_array(args[0], 1, &rc, "reference counts") < 0)
+        return NULL;
+    unsigned char *counts = rc.buf;
+    Py_ssize_t n = PyList_GET_SIZE(pending), i, released = 0;
+    uint64_t *units = PyMem_Malloc((n + 1) * sizeof *units);
+    if (units == NULL) {
+        PyBuffer_Release(&rc);
+        return PyErr_NoMemory();
+    }
+    /* Every item checked before any byte changes. */
+    int ok = 1;
+    for (i = 0; ok && i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(pending, i);
+        if (!PyLong_Check(item)) {
+            PyErr_Format(PyExc_TypeError, "release_pending: item %zd is not an int", i);
+            ok = 0;
+            break;
+        }
+        units[i] = PyLong_AsUnsignedLongLong(item);
+        if (units[i] == (uint64_t)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            units[i] = (uint64_t)rc.len;    /* negative or huge: off the table */
+        }
+        if (units[i] >= (uint64_t)rc.len) {
+            PyErr_Format(PyExc_IndexError, "release_pending: unit %R is not in the table",
+                         item);
+            ok = 0;
+        }
+    }
+    for (i = 0; ok && i < n; i++) {
+        if (counts[units[i]] == PENDING) {
+            counts[units[i]] = 0;
+            released++;
+        }
+    }
+    PyMem_Free(units);
+    PyBuffer_Release(&rc);
+    return ok ? PyLong_FromSsize_t(released) : NULL;
+}
+
 /* The node at meta unit addr as NodeStore.get finds it in memory (the dirty
  * nodes, then the cache, which it keeps in LRU order), or NULL without an
  * error set when it is in neither (NodeStore.get reads it from disk).
@@ -1181,12 +1265,8 @@ first_bad(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (i == -1 && PyErr_Occurred())
         return NULL;
     Py_buffer bv, cv;
-    if (PyObject_GetBuffer(args[0], &bv, PyBUF_SIMPLE) < 0)
+    if (get_blocks_and_sums(args[0], args[1], &bv, &cv) < 0)
         return NULL;
-    if (get_array(args[1], 8, &cv, "checksums") < 0) {
-        PyBuffer_Release(&bv);
-        return NULL;
-    }
     Py_ssize_t nb = bv.len / BLOCK, bad = -1;
     int err = 0;
     if (bv.len % BLOCK) {
@@ -1200,11 +1280,9 @@ first_bad(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     const uint64_t *csums = cv.buf;
     for (Py_ssize_t m = 0; !err && m < nb; m++) {
         uint64_t sum;
-        PyObject *part = PyMemoryView_FromMemory((char *)bv.buf + m * BLOCK, BLOCK, PyBUF_READ);
-        if (part == NULL || checksum_of(part, &sum) < 0)
+        if (block_checksum((const char *)bv.buf + m * BLOCK, &sum) < 0)
             err = 1;
-        Py_XDECREF(part);
-        if (!err && sum != csums[i + m]) {
+        else if (sum != csums[i + m]) {
             bad = m;
             break;
         }
@@ -1212,6 +1290,49 @@ first_bad(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     PyBuffer_Release(&cv);
     PyBuffer_Release(&bv);
     return err ? NULL : PyLong_FromSsize_t(bad);
+}
+
+PyDoc_STRVAR(block_checksums_doc,
+"block_checksums(data, out) -> None\n\n"
+"format.checksum of each BLOCK bytes of ``data`` (a whole number of blocks)\n"
+"into ``out``, an array('Q') of exactly one item per block.  Anything else\n"
+"raises (ValueError, TypeError) with ``out`` unchanged.");
+
+/* A multi-block write takes the checksum of every block as it came: in
+ * Python, a memoryview slice and a call per block were 5-6% of the request
+ * thread's samples on 1 MiB writes. */
+static PyObject *
+block_checksums(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "block_checksums takes 2 arguments");
+        return NULL;
+    }
+    Py_buffer bv, cv;
+    if (get_blocks_and_sums(args[0], args[1], &bv, &cv) < 0)
+        return NULL;
+    Py_ssize_t nb = bv.len / BLOCK;
+    int err = 0;
+    if (bv.len % BLOCK || cv.len / 8 != nb) {
+        PyErr_Format(PyExc_ValueError, "block_checksums: %zd bytes for %zd checksums",
+                     bv.len, cv.len / 8);
+        err = 1;
+    }
+    uint64_t *sums = NULL;
+    if (!err && (sums = PyMem_Malloc((nb + 1) * sizeof *sums)) == NULL) {
+        PyErr_NoMemory();
+        err = 1;
+    }
+    for (Py_ssize_t m = 0; !err && m < nb; m++)
+        err = block_checksum((const char *)bv.buf + m * BLOCK, &sums[m]) < 0;
+    if (!err)
+        memcpy(cv.buf, sums, nb * sizeof *sums);
+    PyMem_Free(sums);
+    PyBuffer_Release(&cv);
+    PyBuffer_Release(&bv);
+    if (err)
+        return NULL;
+    Py_RETURN_NONE;
 }
 
 PyDoc_STRVAR(read_buffer_doc,
@@ -1238,8 +1359,12 @@ static PyMethodDef methods[] = {
     {"write_block", (PyCFunction)(void (*)(void))write_block, METH_FASTCALL, write_block_doc},
     {"incref_blocks", (PyCFunction)(void (*)(void))incref_blocks, METH_FASTCALL, incref_blocks_doc},
     {"decref_blocks", (PyCFunction)(void (*)(void))decref_blocks, METH_FASTCALL, decref_blocks_doc},
+    {"release_pending", (PyCFunction)(void (*)(void))release_pending, METH_FASTCALL,
+     release_pending_doc},
     {"raw_run", (PyCFunction)(void (*)(void))raw_run, METH_FASTCALL, raw_run_doc},
     {"first_bad", (PyCFunction)(void (*)(void))first_bad, METH_FASTCALL, first_bad_doc},
+    {"block_checksums", (PyCFunction)(void (*)(void))block_checksums, METH_FASTCALL,
+     block_checksums_doc},
     {"read_buffer", read_buffer, METH_O, read_buffer_doc},
     {"read_block", (PyCFunction)(void (*)(void))read_block, METH_FASTCALL, read_block_doc},
     {NULL, NULL, 0, NULL},
@@ -1294,8 +1419,9 @@ static struct PyModuleDef moduledef = {
     PyModuleDef_HEAD_INIT, "cowfs._oneblock",
     "The engine's hot paths in C: the one-block write (write_block) and read "
     "(read_block), a copied leaf's references (incref_blocks), the replaced "
-    "pointers' (decref_blocks) and reads of many blocks (raw_run, first_bad, "
-    "read_buffer).", -1, methods,
+    "pointers' (decref_blocks), the release of freed units (release_pending) and "
+    "the checksums of a multi-block write (block_checksums) and reads of many "
+    "blocks (raw_run, first_bad, read_buffer).", -1, methods,
 };
 
 PyMODINIT_FUNC

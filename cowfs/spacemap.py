@@ -148,14 +148,12 @@ class RefTable:
 
     def release_pending(self) -> None:
         """Make every PENDING unit free: call once nothing durable refers to them."""
-        rc = self.rc
-        released = 0
-        for u in self.pending:
-            if rc[u] == PENDING:
-                rc[u] = 0
-                released += 1
+        # Imported here: cowfs._oneblock reads this module's constants as it
+        # loads.  The loop is in C (229 ns per unit in Python, which every
+        # overwrite frees: 2-3.5% of the request thread's time).
+        from ._oneblock import release_pending
+        self._free += release_pending(self.rc, self.pending)
         self.pending.clear()
-        self._free += released
 
     # -- allocation -----------------------------------------------------------
 

@@ -18,6 +18,7 @@ from cowfs.blockio import SimStorage
 from cowfs.errors import PoolError
 from cowfs import pool as pool_module
 from cowfs.pool import BLOCK, TICK_WARN_INTERVAL, Pool
+from cowfs.spacemap import RESERVED
 
 from engine_model import make_payload, read_all
 
@@ -224,8 +225,9 @@ def test_corrupt_data_block_reads_eio() -> None:
 def test_host_io_errors_are_pool_errors() -> None:
     """Proves: an I/O error of the file system under the pool while reading
     or writing volume data reaches the caller as PoolError(EIO) naming the
-    pool -- never as a raw OSError -- and the data reads fine once the
-    file system recovers."""
+    pool -- never as a raw OSError --, a refused write leaves no data unit
+    reserved or taken, and the data reads fine once the file system
+    recovers."""
     storage = SimStorage(label="sim-ioerr")
     Pool.mkfs(storage, compression=False)
     pool = Pool.open(storage)
@@ -243,10 +245,14 @@ def test_host_io_errors_are_pool_errors() -> None:
         ("read", lambda: pool.read(vid, 0, BLOCK)),
         ("unaligned write (read-modify-write)", lambda: pool.write(vid, 100, b"abc")),
         ("aligned write", lambda: pool.write(vid, 8 * BLOCK, bytes([7]) * BLOCK)),
+        ("write of raw blocks", lambda: pool.write(vid, 8 * BLOCK, data)),
+        ("write of blocks and a hole", lambda: pool.write(vid, 8 * BLOCK, data + bytes(BLOCK) + data)),
     ]:
+        free = pool.drc.free_units()
         with pytest.raises(PoolError) as info:
             call()
         assert info.value.errno == errno.EIO and "sim-ioerr" in str(info.value), f"{what}: {info.value!r}"
+        assert pool.drc.free_units() == free and RESERVED not in pool.drc.rc, what
     storage.fault = None
     assert pool.read(vid, 0, 4 * BLOCK) == data
     pool.close()

@@ -8,7 +8,8 @@ random sequence of every operation that changes the table checks that the
 answer always equals a full count.  The C ``incref_blocks`` (the references
 of a copied leaf) must leave the table as ``incref`` of each unit in turn
 would, or unchanged; so must ``decref_blocks`` (the old pointers a write
-replaces) against ``decref`` of each unit in turn.
+replaces) against ``decref`` of each unit in turn.  The C
+``release_pending`` must free exactly the listed units that are PENDING.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from cowfs._oneblock import decref_blocks, incref_blocks
+from cowfs._oneblock import decref_blocks, incref_blocks, release_pending
 from cowfs.format import BLOCK, SECTOR, SECTORS_PER_BLOCK, units_of
 from cowfs.spacemap import MAX_DIRECT, PAGE_SHIFT, PAGE_UNITS, PENDING, RESERVED, SYSTEM, RefTable
 
@@ -263,3 +264,52 @@ def test_decref_blocks_refuses_wrong_arguments() -> None:
     assert decref_blocks(t.rc, t.dirty_pages, t.pending, one, raw, 0, 1) is True
     assert t.rc[3] == PENDING and t.pending == [3]
     assert decref_blocks(t.rc, t.dirty_pages, t.pending, one, raw, 0, 1) is False
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=1, max_size=3 * UNITS), st.data())
+@example(bytes([PENDING, 1, PENDING, RESERVED]), None)
+def test_release_pending_frees_the_listed_pending_units(table: bytes, data) -> None:
+    """Proves: every listed unit whose byte is PENDING, and no other byte,
+    becomes 0, a unit listed twice is counted once, and the answer is the
+    number freed (what RefTable.release_pending adds to its free count)."""
+    if data is None:
+        units = [0, 2, 2, 1, 3]
+    else:
+        units = data.draw(st.lists(st.integers(0, len(table) - 1), max_size=2 * len(table)))
+    rc = bytearray(table)
+    listed = list(units)
+    freed = release_pending(rc, listed)
+    want = bytearray(table)
+    for u in units:
+        if want[u] == PENDING:
+            want[u] = 0
+    assert rc == want
+    assert freed == sum(1 for u in set(units) if table[u] == PENDING)
+    assert listed == units      # the list is the caller's to clear
+
+
+def test_release_pending_refuses_bad_items_before_changing_anything() -> None:
+    """Proves: an item that is not an int or not a unit of the table is
+    refused (TypeError, IndexError) with no byte freed, even those listed
+    before it; a table that is not a writable byte array and a pending
+    argument that is not a list are refused too."""
+    t = RefTable(8)
+    for u in (1, 2):
+        t.incref(u)
+        t.decref(u)
+    before = bytes(t.rc)
+    for items, error in (([1, 8], IndexError), ([1, -1], IndexError), ([2, 1 << 70], IndexError),
+                         ([1, "2"], TypeError), ([1, 2.0], TypeError)):
+        with pytest.raises(error):
+            release_pending(t.rc, items)
+        assert bytes(t.rc) == before
+    with pytest.raises(BufferError):
+        release_pending(bytes(t.rc), [1])
+    for args in ((array("H", [PENDING]), [0]), (t.rc, (1, 2)), (t.rc,)):
+        with pytest.raises(TypeError):
+            release_pending(*args)
+    assert bytes(t.rc) == before
+    free = t.free_units()
+    t.release_pending()
+    assert t.rc[1] == t.rc[2] == 0 and t.pending == [] and t.free_units() == free + 2

@@ -3,11 +3,16 @@ as they came), and the space it takes for them, exactly."""
 
 from __future__ import annotations
 
+import errno
 import random
+from array import array
 
 import pytest
 
 from cowfs.blockio import SimStorage
+from cowfs._oneblock import block_checksums
+from cowfs.errors import PoolError
+from cowfs.format import checksum
 from cowfs.pool import BLOCK, INCOMPRESSIBLE_GIVE_UP, Pool
 from cowfs.spacemap import PENDING, RESERVED, SYSTEM
 
@@ -72,4 +77,76 @@ def test_many_block_writes_store_each_block_once(compression: bool, seed: int) -
         own = sum(k != "zero" for k in kinds) - packed
         assert own + min(packed, 1) <= taken <= own + packed, \
             f"step {step}: {taken} units for {kinds}"
+    pool.close()
+
+
+@pytest.mark.parametrize("nb", [1, 2, 256])
+def test_block_checksums_is_checksum_of_each_block(nb: int) -> None:
+    """Proves: block_checksums puts format.checksum of block m of its data,
+    from a memoryview starting anywhere, in item m of the array; a length
+    that is not whole blocks, an array of another length or item size, or
+    read-only output are refused with the array unchanged."""
+    rng = random.Random(nb)
+    buf = rng.randbytes((nb + 1) * BLOCK)
+    view = memoryview(buf)[BLOCK:]
+    out = array("Q", [7]) * nb
+    block_checksums(view, out)
+    assert list(out) == [checksum(view[m * BLOCK:(m + 1) * BLOCK]) for m in range(nb)]
+    before = array("Q", out)
+    for data, sums, error in ((view[1:], out, ValueError), (buf, out, ValueError),
+                              (view, array("Q", [0]) * (nb + 1), ValueError),
+                              (view, array("I", [0]) * nb, TypeError),
+                              (view, bytes(8 * nb), BufferError)):
+        with pytest.raises(error):
+            block_checksums(data, sums)
+    assert out == before
+    block_checksums(b"", array("Q"))            # no blocks: nothing to do
+
+
+@pytest.mark.parametrize("kinds", [["random"] * 8, ["random", "text", "zero", "random"] * 2],
+                         ids=["raw", "mixed"])
+def test_many_block_write_into_scattered_free_space(kinds: list[str]) -> None:
+    """Proves: when the file system under the pool is full and the pool's
+    free units are scattered (no run as long as the write), a write of
+    several blocks still succeeds, one unit per stored block wherever one is
+    free, reads back, survives a reopen, and leaves no unit reserved."""
+    probe = SimStorage()
+    Pool.mkfs(probe)
+    storage = SimStorage(capacity=probe.used() + (40 << 20), label="writes-scattered")
+    Pool.mkfs(storage, compression=True)
+    pool = Pool.open(storage)
+    rng = random.Random(len(kinds))
+    keep, gone = pool.create_volume("keep", 0).id, pool.create_volume("gone", 0).id
+    # Single blocks of the two volumes in turn take units in turn, until
+    # the host has no room for the pool to grow.
+    written: dict[int, bytes] = {}
+    b = 0
+    try:
+        while True:
+            data = rng.randbytes(BLOCK)
+            pool.write(keep, b * BLOCK, data)
+            written[b] = data
+            pool.write(gone, b * BLOCK, rng.randbytes(BLOCK))
+            b += 1
+    except PoolError as err:
+        assert err.errno == errno.ENOSPC, err
+    pool.delete_volume(gone)
+    pool.sync()
+    nb = len(kinds)
+    assert pool.drc.find_free(nb) == -1, "free space should have no run this long"
+    data = b"".join(block(k, rng) for k in kinds)
+    before = referenced_units(pool)
+    pool.write(keep, 0, data)
+    assert pool.read(keep, 0, len(data)) == data
+    assert RESERVED not in pool.drc.rc
+    assert referenced_units(pool) - before + pool.drc.rc.count(PENDING) == \
+        sum(k != "zero" for k in kinds)
+    pool.sync()
+    assert pool.check() == []
+    pool.close()
+    pool = Pool.open(storage)
+    assert pool.read(keep, 0, len(data)) == data
+    for i in range(nb, b):
+        assert pool.read(keep, i * BLOCK, BLOCK) == written[i], f"block {i}"
+    assert pool.check() == []
     pool.close()
