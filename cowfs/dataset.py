@@ -54,7 +54,7 @@ class Dataset:
     """Mutable in-memory state of a volume or snapshot (``owner`` set)."""
 
     __slots__ = ("id", "name", "size", "root", "mode", "uid", "gid", "atime", "mtime",
-                 "ctime", "mapped", "owner", "origin")
+                 "ctime", "mapped", "owner", "origin", "incompressible")
 
     def __init__(self, vid: int, name: str, size: int, mode: int, uid: int, gid: int,
                  now: int, owner: str | None = None) -> None:
@@ -64,6 +64,8 @@ class Dataset:
         self.mapped = 0
         self.owner = owner
         self.origin: dict | None = None
+        # Writes in a row lz4 gave up on (Pool._write_blocks); memory only.
+        self.incompressible = 0
 
     @property
     def is_snapshot(self) -> bool:
