@@ -978,8 +978,9 @@ PyDoc_STRVAR(release_pending_doc,
 "not a unit of the table, raises (TypeError, IndexError) with nothing\n"
 "changed.  The list itself is left to the caller.");
 
-/* In Python this loop took 229 ns per unit (random units of a 4 GiB
- * table): about 60 us per MiB of overwrites, which free 256 units each. */
+/* In Python this loop took 36 ns a unit in order (9 us per MiB
+ * overwritten, 256 units) and 162-229 ns at random places of a 4 GiB
+ * table; here 1.6 and 16-25 ns. */
 static PyObject *
 release_pending(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1296,11 +1297,11 @@ PyDoc_STRVAR(block_checksums_doc,
 "block_checksums(data, out) -> None\n\n"
 "format.checksum of each BLOCK bytes of ``data`` (a whole number of blocks)\n"
 "into ``out``, an array('Q') of exactly one item per block.  Anything else\n"
-"raises (ValueError, TypeError) with ``out`` unchanged.");
+"raises (ValueError, TypeError, BufferError) with ``out`` unchanged.");
 
 /* A multi-block write takes the checksum of every block as it came: in
- * Python, a memoryview slice and a call per block were 5-6% of the request
- * thread's samples on 1 MiB writes. */
+ * Python, with a memoryview slice and a call per block (the list of slices
+ * alone was 3.6% of the request thread's samples on 1 MiB writes). */
 static PyObject *
 block_checksums(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
