@@ -483,6 +483,17 @@ get_blocks_and_sums(PyObject *data, PyObject *sums, Py_buffer *bv, Py_buffer *cv
     return 0;
 }
 
+/* Whether a function of this module got other than ``want`` arguments;
+ * if so a TypeError naming it is set. */
+static int
+wrong_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t want)
+{
+    if (nargs == want)
+        return 0;
+    PyErr_Format(PyExc_TypeError, "%s takes %zd arguments", name, want);
+    return 1;
+}
+
 /* What the general path's Pool._Mutation does when a change fails half way:
  * the pool reloads its durable state before the next request, and the
  * caller sees EIO.  Called with the failure's exception set; returns NULL
@@ -767,10 +778,8 @@ PyDoc_STRVAR(write_block_doc,
 static PyObject *
 write_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "write_block takes 4 arguments");
+    if (wrong_nargs("write_block", nargs, 4))
         return NULL;
-    }
     if (!pool_constants_loaded && load_pool_constants() < 0)
         return NULL;
     long long offset = PyLong_AsLongLong(args[2]);
@@ -848,10 +857,8 @@ PyDoc_STRVAR(incref_blocks_doc,
 static PyObject *
 incref_blocks(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "incref_blocks takes 4 arguments");
+    if (wrong_nargs("incref_blocks", nargs, 4))
         return NULL;
-    }
     PyObject *pages = args[1];
     if (!PySet_Check(pages)) {
         PyErr_SetString(PyExc_TypeError, "incref_blocks: pages must be a set");
@@ -906,10 +913,8 @@ PyDoc_STRVAR(decref_blocks_doc,
 static PyObject *
 decref_blocks(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "decref_blocks takes 7 arguments");
+    if (wrong_nargs("decref_blocks", nargs, 7))
         return NULL;
-    }
     PyObject *pages = args[1], *pending = args[2];
     if (!PySet_Check(pages) || !PyList_Check(pending)) {
         PyErr_SetString(PyExc_TypeError,
@@ -984,49 +989,43 @@ PyDoc_STRVAR(release_pending_doc,
 static PyObject *
 release_pending(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2 || !PyList_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "release_pending takes a reference-count table and a list");
+    if (wrong_nargs("release_pending", nargs, 2))
+        return NULL;
+    PyObject *pending = args[1];
+    if (!PyList_Check(pending)) {
+        PyErr_SetString(PyExc_TypeError, "release_pending: pending must be a list");
         return NULL;
     }
-    PyObject *pending = args[1];
     Py_buffer rc;
     if (get_array(args[0], 1, &rc, "reference counts") < 0)
         return NULL;
     unsigned char *counts = rc.buf;
     Py_ssize_t n = PyList_GET_SIZE(pending), i, released = 0;
-    uint64_t *units = PyMem_Malloc((n + 1) * sizeof *units);
-    if (units == NULL) {
-        PyBuffer_Release(&rc);
-        return PyErr_NoMemory();
-    }
-    /* Every item checked before any byte changes. */
+    /* Every item checked before any byte changes, then converted again
+     * (rather than kept in an array to allocate). */
     int ok = 1;
     for (i = 0; ok && i < n; i++) {
         PyObject *item = PyList_GET_ITEM(pending, i);
         if (!PyLong_Check(item)) {
             PyErr_Format(PyExc_TypeError, "release_pending: item %zd is not an int", i);
             ok = 0;
-            break;
+            continue;
         }
-        units[i] = PyLong_AsUnsignedLongLong(item);
-        if (units[i] == (uint64_t)-1 && PyErr_Occurred()) {
-            PyErr_Clear();
-            units[i] = (uint64_t)rc.len;    /* negative or huge: off the table */
-        }
-        if (units[i] >= (uint64_t)rc.len) {
-            PyErr_Format(PyExc_IndexError, "release_pending: unit %R is not in the table",
-                         item);
-            ok = 0;
-        }
+        uint64_t u = PyLong_AsUnsignedLongLong(item);
+        if (u == (uint64_t)-1 && PyErr_Occurred())
+            PyErr_Clear();          /* negative or huge: off the table */
+        else if (u < (uint64_t)rc.len)
+            continue;
+        PyErr_Format(PyExc_IndexError, "release_pending: unit %R is not in the table", item);
+        ok = 0;
     }
     for (i = 0; ok && i < n; i++) {
-        if (counts[units[i]] == PENDING) {
-            counts[units[i]] = 0;
+        unsigned char *c = &counts[PyLong_AsUnsignedLongLong(PyList_GET_ITEM(pending, i))];
+        if (*c == PENDING) {
+            *c = 0;
             released++;
         }
     }
-    PyMem_Free(units);
     PyBuffer_Release(&rc);
     return ok ? PyLong_FromSsize_t(released) : NULL;
 }
@@ -1191,10 +1190,8 @@ PyDoc_STRVAR(read_block_doc,
 static PyObject *
 read_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "read_block takes 4 arguments");
+    if (wrong_nargs("read_block", nargs, 4))
         return NULL;
-    }
     long long offset = PyLong_AsLongLong(args[2]);
     if (offset == -1 && PyErr_Occurred())
         return NULL;
@@ -1215,10 +1212,8 @@ PyDoc_STRVAR(raw_run_doc,
 static PyObject *
 raw_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "raw_run takes 5 arguments");
+    if (wrong_nargs("raw_run", nargs, 5))
         return NULL;
-    }
     Py_ssize_t i = PyLong_AsSsize_t(args[3]), j = PyLong_AsSsize_t(args[4]);
     if ((i == -1 || j == -1) && PyErr_Occurred())
         return NULL;
@@ -1258,10 +1253,8 @@ PyDoc_STRVAR(first_bad_doc,
 static PyObject *
 first_bad(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "first_bad takes 3 arguments");
+    if (wrong_nargs("first_bad", nargs, 3))
         return NULL;
-    }
     Py_ssize_t i = PyLong_AsSsize_t(args[2]);
     if (i == -1 && PyErr_Occurred())
         return NULL;
@@ -1305,10 +1298,8 @@ PyDoc_STRVAR(block_checksums_doc,
 static PyObject *
 block_checksums(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "block_checksums takes 2 arguments");
+    if (wrong_nargs("block_checksums", nargs, 2))
         return NULL;
-    }
     Py_buffer bv, cv;
     if (get_blocks_and_sums(args[0], args[1], &bv, &cv) < 0)
         return NULL;

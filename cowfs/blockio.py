@@ -337,29 +337,35 @@ class OsFile:
         # Not all cached (or past the end, which pread pads): None.
         return buf if n == length else None
 
+    def _holders(self, start: int, end: int) -> list[tuple[mmap.mmap, int, int]]:
+        """Every buffered write over any byte of ``[start, end)`` as
+        ``(buffer, file offset, length)``: the stage first, then the
+        handed-over writes, oldest first."""
+        holders = []
+        if self._staged and start < self._stage_at + self._staged and end > self._stage_at:
+            assert self._stage is not None
+            holders.append((self._stage, self._stage_at, self._staged))
+        holders += [(j.buf, j.offset, j.length) for j in self._jobs
+                    if start < j.offset + j.length and end > j.offset]
+        return holders
+
     def _overlapped(self, start: int, end: int) -> bool:
         """Whether a buffered write (staged or handed over) covers any byte
         of ``[start, end)``."""
-        if self._staged and start < self._stage_at + self._staged and end > self._stage_at:
-            return True
-        return any(start < j.offset + j.length and end > j.offset for j in self._jobs)
+        return bool(self._holders(start, end))
 
     def _held(self, length: int, offset: int) -> bytes | None:
         """The ``length`` bytes at ``offset`` if the newest buffered write
         over them holds all of them and no other buffered write touches them;
         None otherwise, with every buffered write over them in the file."""
         end = offset + length
-        holders = []
-        if self._staged and offset < self._stage_at + self._staged and end > self._stage_at:
-            holders.append((self._stage, self._stage_at, self._staged))
-        holders += [(j.buf, j.offset, j.length) for j in self._jobs
-                    if offset < j.offset + j.length and end > j.offset]
+        holders = self._holders(offset, end)
         if not holders:
             return None
-        buf, at, n = holders[0]
-        if len(holders) == 1 and at <= offset and end <= at + n:
-            assert buf is not None
-            return buf[offset - at:end - at]
+        if len(holders) == 1:
+            buf, at, n = holders[0]
+            if at <= offset and end <= at + n:
+                return buf[offset - at:end - at]
         self.flush_stage()
         self._settle()
         return None
