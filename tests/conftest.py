@@ -98,6 +98,21 @@ def watchdog(request: pytest.FixtureRequest) -> Iterator[Watchdog]:
         pytest.fail("the watchdog aborted this test's FUSE mounts: the test overran its time limit")
 
 
+@pytest.fixture(params=["c", "python"])
+def checksum_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs a test twice: with cowfs._oneblock's checksums taken by xxHash's
+    C function, and through xxhash's Python function (the fallback when that
+    C function is not found).  The C run is skipped where it is not found."""
+    from cowfs._oneblock import native_checksums
+    if request.param == "c" and not native_checksums(True):
+        pytest.skip("xxhash's XXH3_64bits_dispatch not found on this machine")
+    native_checksums(request.param == "c")
+    try:
+        yield request.param
+    finally:
+        native_checksums(True)
+
+
 @pytest.fixture
 def cleanup(request: pytest.FixtureRequest) -> Iterator[contextlib.ExitStack]:
     """A LIFO stack of teardown callbacks shared by the factories below, so

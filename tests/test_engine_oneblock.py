@@ -125,7 +125,8 @@ def open_pool(label: str) -> Pool:
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_c_write_matches_the_general_path(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+def test_c_write_matches_the_general_path(monkeypatch: pytest.MonkeyPatch, seed: int,
+                                         checksum_path: str) -> None:
     fast, general = open_pool("oneblock-fast"), open_pool("oneblock-general")
     writes = {"refused": 0, "overwrite": 0, "insert": 0}
 
@@ -394,7 +395,7 @@ def test_c_read_matches_the_general_path(monkeypatch: pytest.MonkeyPatch, seed: 
     pool.close()
 
 
-def test_c_read_errors_are_the_pools() -> None:
+def test_c_read_errors_are_the_pools(checksum_path: str) -> None:
     """Proves: through read_block, a flipped byte fails the read with EIO
     naming the block's offset (counted), an I/O error of the host file
     system is the pool's EIO, and a block not in the page cache is None

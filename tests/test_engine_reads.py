@@ -5,6 +5,7 @@ of many blocks, whose runs of raw blocks are found and checked in C."""
 from __future__ import annotations
 
 import errno
+import platform
 import random
 from array import array
 
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cowfs._oneblock import first_bad, raw_run, read_buffer
+from cowfs._oneblock import first_bad, native_checksums, raw_run, read_buffer
 from cowfs.blockio import SimStorage
 from cowfs.errors import ChecksumError
 from cowfs.format import DATA_FILE, SECTOR, SECTORS_PER_BLOCK, checksum
@@ -107,7 +108,8 @@ def test_raw_run_ends_where_the_run_ends(entries: list[tuple[int, int, int]],
 @given(st.integers(0, 12), st.integers(0, 4), st.sets(st.integers(0, 11)))
 def test_first_bad_finds_the_first_wrong_checksum(nb: int, start: int, wrong: set[int]) -> None:
     """Proves: first_bad checks each block of a buffer against csums[i + m]
-    and answers the first m that differs, or -1, whatever the offset i."""
+    and answers the first m that differs, or -1, whatever the offset i, with
+    the checksums taken in C and through xxhash's Python function."""
     rng = random.Random(nb * 100 + start)
     buf = rng.randbytes(nb * BLOCK)
     csums = array("Q", [rng.getrandbits(64) for _ in range(start)])
@@ -116,10 +118,26 @@ def test_first_bad_finds_the_first_wrong_checksum(nb: int, start: int, wrong: se
         csums.append(good ^ 1 if m in wrong else good)
     csums.append(rng.getrandbits(64))           # entries after the buffer's: not read
     bad = [m for m in range(nb) if m in wrong]
-    assert first_bad(buf, csums, start) == (bad[0] if bad else -1)
-    # A view that starts one block in, checked from the next checksum on.
-    assert first_bad(memoryview(buf)[BLOCK:], csums, start + 1) == next(
-        (m - 1 for m in bad if m >= 1), -1)
+    try:
+        for native in (True, False):
+            native_checksums(native)
+            assert first_bad(buf, csums, start) == (bad[0] if bad else -1)
+            # A view that starts one block in, checked from the next checksum on.
+            assert first_bad(memoryview(buf)[BLOCK:], csums, start + 1) == next(
+                (m - 1 for m in bad if m >= 1), -1)
+    finally:
+        native_checksums(True)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64",
+                    reason="xxhash builds XXH3_64bits_dispatch for x86-64 only")
+def test_checksums_are_taken_in_c() -> None:
+    """Proves: on x86-64 the module found xxhash's C function and agreed with
+    its Python one at import (else every block's checksum would cost a
+    Python call, silently), and it can be switched off and on again."""
+    assert native_checksums(True) is True
+    assert native_checksums(False) is False
+    assert native_checksums(True) is True
 
 
 def test_c_read_helpers_refuse_bad_arguments() -> None:

@@ -139,7 +139,7 @@ def test_lz4_is_left_out_per_volume_and_comes_back() -> None:
 
 
 @pytest.mark.parametrize("nb", [1, 2, 256])
-def test_block_checksums_is_checksum_of_each_block(nb: int) -> None:
+def test_block_checksums_is_checksum_of_each_block(nb: int, checksum_path: str) -> None:
     """Proves: block_checksums puts format.checksum of block m of its data,
     from a memoryview starting anywhere, in item m of the array; a length
     that is not whole blocks, an array of another length or item size, or
