@@ -612,6 +612,11 @@ wb_clear(struct wb *w)
 }
 
 #define NOT_MINE (-1)
+/* Everything was in place but a node on the tree path that is shared or that
+ * the last checkpoint points at: Pool.write makes the path the volume's own
+ * (Tree.own_path) and calls again.  After a snapshot that was every tenth
+ * write at 64 KiB strides, through the general path. */
+#define OWN_PATH_FIRST (-3)
 
 /* The body of write_block(): the flags (>= 0), NOT_MINE, or -2 on failure
  * (an exception set; nothing in memory changed unless it is the PoolError of
@@ -679,7 +684,7 @@ write_block_impl(PyObject *pool, PyObject *vol_id, long long offset, PyObject *d
     w->leaf = writable_leaf(w->dirty, (const unsigned char *)PyByteArray_AS_STRING(w->mrc_rc),
                             PyByteArray_GET_SIZE(w->mrc_rc), (uint64_t)root, key);
     if (w->leaf == NULL)
-        return PyErr_Occurred() ? -2 : NOT_MINE;
+        return PyErr_Occurred() ? -2 : root != 0 ? OWN_PATH_FIRST : NOT_MINE;
     Py_ssize_t j;
     int found;
     uint64_t old_unit = 0;
@@ -839,7 +844,8 @@ PyDoc_STRVAR(write_block_doc,
 "mapped in place, counted, journaled (one R_WRITE record) and the volume's\n"
 "size and times updated, exactly as the general path would.  Returns -1\n"
 "when the case is another (nothing changed; the general path must do the\n"
-"write), else flags of what the caller still owes: 1, Pool._after_change();\n"
+"write), OWN_PATH_FIRST (-3) when only a node of the tree path that may not\n"
+"change in place is in the way (nothing changed), else flags of what the caller still owes: 1, Pool._after_change();\n"
 "2, pool.data.start_writeback().  An exception from the data write changes\n"
 "nothing; a failure after the change began makes the pool reload (as\n"
 "Pool._Mutation does) and raises PoolError(EIO).");
@@ -1513,5 +1519,8 @@ PyInit__oneblock(void)
             || !(PoolError = module_attr("cowfs.errors", "PoolError")))
         return NULL;
     xxh3_native = xxh3_found = find_native_xxh3();
-    return PyModule_Create(&moduledef);
+    PyObject *m = PyModule_Create(&moduledef);
+    if (m != NULL && PyModule_AddIntConstant(m, "OWN_PATH_FIRST", OWN_PATH_FIRST) < 0)
+        Py_CLEAR(m);
+    return m;
 }

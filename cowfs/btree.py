@@ -251,6 +251,22 @@ class Tree:
         return self.replace(root, key, key + 1, Entries(
             array("Q", (key,)), array("Q", (sector,)), array("Q", (csum,)), array("H", (BLOCK,))))
 
+    def own_path(self, root: int, key: int) -> int:
+        """Make every node on the path from ``root`` to the leaf where ``key``
+        belongs one this tree may change in place (a copy of a shared node, a
+        move of one the last checkpoint points at), as :meth:`_replace` does
+        on its way down; returns the root, new if it moved.  Nothing else
+        changes: what ``cowfs._oneblock.write_block`` needs before it can edit
+        the leaf in place."""
+        node = self._writable(root)
+        top = node.addr
+        while not node.leaf:
+            i = max(0, bisect_right(node.keys, key) - 1)
+            child = self._writable(node.children[i])
+            node.children[i] = child.addr
+            node = child
+        return top
+
     def drop(self, root: int) -> None:
         """Release one reference on a whole tree (volume delete)."""
         if root:

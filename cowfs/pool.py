@@ -46,8 +46,8 @@ from .journal import (ATTR, CREATE, ONE_ID, R_ATTR, R_CREATE, R_DELETE, R_RENAME
                       replay)
 from .snapshots import SnapshotOps
 from .spacemap import SYSTEM, RefTable
-from ._oneblock import (block_checksums, decref_blocks, first_bad, incref_blocks, raw_run,
-                        read_block, write_block)
+from ._oneblock import (OWN_PATH_FIRST, block_checksums, decref_blocks, first_bad,
+                        incref_blocks, raw_run, read_block, write_block)
 
 log = logging.getLogger(__name__)
 
@@ -668,6 +668,9 @@ class Pool(SnapshotOps):
             # was Python); any other case it leaves, unchanged, to the code below.
             try:
                 owed = write_block(self, vol_id, offset, data)
+                if owed == OWN_PATH_FIRST:
+                    self._own_path(vol_id, offset // BLOCK)
+                    owed = write_block(self, vol_id, offset, data)
             except OSError as e:
                 raise self._io_error(e, "writing data") from None
             if owed >= 0:
@@ -782,6 +785,19 @@ class Pool(SnapshotOps):
             self._log(R_WRITE, WRITE.pack(v.id, b0, nb) + struct.pack("<Q", new_size)
                       + addrs.tobytes() + csums.tobytes() + slens.tobytes())
         self._data_changed(v)
+
+    def _own_path(self, vid: int, b: int) -> None:
+        """Copy or move the nodes on the tree path of block ``b`` of volume
+        ``vid`` that may not change in place (shared with a snapshot or
+        clone, or pointed at by the last checkpoint), so that the next
+        4 KiB write there is ``write_block``'s: what the general path's
+        first steps would do (its first write into each leaf shared with a
+        snapshot cost about 25 us in Python, one write in ten at 64 KiB
+        strides)."""
+        self._ensure_meta_reserve()
+        v = self.datasets[vid]
+        with self._mutation():
+            v.root = self.tree.own_path(v.root, b)
 
     def _write_block(self, v: Dataset, b: int, blk: memoryview, new_size: int) -> None:
         """Store one non-zero block raw and map it at block ``b``: what

@@ -24,7 +24,7 @@ from collections import OrderedDict
 import pytest
 
 from cowfs import pool as pool_module
-from cowfs._oneblock import read_block, write_block
+from cowfs._oneblock import OWN_PATH_FIRST, read_block, write_block
 from cowfs.blockio import SimStorage
 from cowfs.errors import ChecksumError, PoolError
 from cowfs.format import DATA_FILE, SECTOR, checksum
@@ -128,17 +128,23 @@ def open_pool(label: str) -> Pool:
 def test_c_write_matches_the_general_path(monkeypatch: pytest.MonkeyPatch, seed: int,
                                          checksum_path: str) -> None:
     fast, general = open_pool("oneblock-fast"), open_pool("oneblock-general")
-    writes = {"refused": 0, "overwrite": 0, "insert": 0}
+    writes = {"refused": 0, "own path first": 0, "then in C": 0, "overwrite": 0, "insert": 0}
+    last: list = [None]
 
     def write_by_pool(pool, vid, offset, data):
         if pool is general:
             return -1
         mapped = pool.datasets[vid].mapped if vid in pool.datasets else 0
         answer = write_block(pool, vid, offset, data)
-        if answer < 0:
+        if answer == OWN_PATH_FIRST:
+            writes["own path first"] += 1
+        elif answer < 0:
             writes["refused"] += 1
         else:
             writes["insert" if pool.datasets[vid].mapped > mapped else "overwrite"] += 1
+            if last[0] == (vid, offset, OWN_PATH_FIRST):    # Pool.write's second call
+                writes["then in C"] += 1
+        last[0] = (vid, offset, answer)
         return answer
 
     monkeypatch.setattr(pool_module, "write_block", write_by_pool)
@@ -147,9 +153,11 @@ def test_c_write_matches_the_general_path(monkeypatch: pytest.MonkeyPatch, seed:
         step(fast, rng_fast, n)
         step(general, rng_general, n)
         assert state(fast) == state(general), f"seed {seed}: pools differ after step {n}"
-    # Every kind of answer happened: C writes that overwrite and insert, and
-    # refusals (shared or clean paths, compressed old pointers).
-    assert min(writes.values()) > 20, writes
+    # Every kind of answer happened: C writes that overwrite and insert,
+    # paths to make the volume's first (shared or clean since the checkpoint)
+    # and refusals (compressed old pointers, full leaves, snapshots).
+    assert writes["refused"] > 5 and min(writes.values()) > 5, writes
+    assert min(n for kind, n in writes.items() if kind != "refused") > 20, writes
     for pool in (fast, general):
         pool.sync()
         assert pool.check() == []
@@ -186,7 +194,9 @@ def with_general_path(fn, *args):
 
 def test_refusals_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every case the C write leaves alone: the answer is -1 and nothing
-    changed (the general path then does the write)."""
+    changed (the general path then does the write); a tree path that is
+    shared or clean since the checkpoint: OWN_PATH_FIRST and nothing changed,
+    and once Pool._own_path made it the volume's, the C write does it."""
     pool = open_pool("oneblock-refuse")
     vid = dirty_again(pool)
     data = random.Random(2).randbytes(BLOCK)
@@ -199,8 +209,8 @@ def test_refusals_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     assert pool.mrc.count(pool.snaps[("v0", "t")].root) == 1
     before = state(pool)
 
-    def refused(*args) -> None:
-        assert write_block(*args) == -1, args
+    def refused(*args, answer: int = -1) -> None:
+        assert write_block(*args) == answer, args
         assert state(pool) == before
 
     refused(pool, vid, 1 * BLOCK, bytes(BLOCK))             # zeros: a hole
@@ -211,8 +221,8 @@ def test_refusals_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     refused(pool, vid, BLOCK, data + data)
     refused(pool, 999, BLOCK, data)                         # no such volume
     refused(pool, snap, 0, data)                            # a snapshot
-    refused(pool, pool.lookup("v1").id, BLOCK, data)        # shared with the snapshot
-    refused(pool, pool.lookup("filler").id, BLOCK, data)    # clean since the checkpoint
+    for name in ("v1", "filler"):       # shared with the snapshot; clean since the checkpoint
+        refused(pool, pool.lookup(name).id, BLOCK, data, answer=OWN_PATH_FIRST)
     for attr, value in (("readonly", True), ("closed", True), ("_replaying", True),
                         ("stale", "x"), ("degraded", "x")):
         monkeypatch.setattr(pool, attr, value)
@@ -239,6 +249,17 @@ def test_refusals_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     before = state(pool)
     assert write_block(pool, vid, BLOCK, data) >= 0          # and now it is the common case
     assert state(pool) != before
+    snap_v1 = pool.snaps[("v1", "s")].id
+    kept = pool.read(snap_v1, BLOCK, BLOCK)
+    for name in ("v1", "filler"):
+        other = pool.lookup(name).id
+        old_root = pool.datasets[other].root
+        pool._own_path(other, 1)
+        assert pool.datasets[other].root != old_root            # copied / moved
+        assert write_block(pool, other, BLOCK, data) >= 0
+        assert pool.read(other, BLOCK, BLOCK) == data
+    assert pool.read(snap_v1, BLOCK, BLOCK) == kept != data    # the snapshot keeps its block
+    assert pool.check() == []
     pool.close()
 
 
