@@ -845,7 +845,8 @@ PyDoc_STRVAR(write_block_doc,
 "size and times updated, exactly as the general path would.  Returns -1\n"
 "when the case is another (nothing changed; the general path must do the\n"
 "write), OWN_PATH_FIRST (-3) when only a node of the tree path that may not\n"
-"change in place is in the way (nothing changed), else flags of what the caller still owes: 1, Pool._after_change();\n"
+"change in place is in the way (nothing changed; Pool._own_path, then call\n"
+"again), else flags of what the caller still owes: 1, Pool._after_change();\n"
 "2, pool.data.start_writeback().  An exception from the data write changes\n"
 "nothing; a failure after the change began makes the pool reload (as\n"
 "Pool._Mutation does) and raises PoolError(EIO).");
