@@ -88,9 +88,11 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 BLOCK = 4 * KiB
 CLUSTER = 64 * KiB         # qcow2's default cluster size: the stride of the write replays
 # Repetitions of the write runs of part 1 (the table gives medians).
-# Three, so that one slow run cannot move the median: with two (a mean), one
-# run of 11.8k shared-block writes next to 19.4k set the ratio to 0.86.
-IOPS_REPS = 3
+# With two (a mean), one run of 11.8k shared-block writes next to 19.4k set
+# the ratio to 0.86; with three, single runs of the same code gave ratios
+# from 0.59 to 1.14 (two of them slow moved the median).  Five, so that two
+# slow runs cannot.
+IOPS_REPS = 5
 # The clone-depth reads (part 3) are cold random reads, disk waits mostly:
 # one volume's runs varied 9.2k-10.4k IOPS within one snapbench run, against
 # a target ratio of 0.95.  More repetitions there, in alternating order.
