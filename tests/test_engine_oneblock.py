@@ -156,7 +156,7 @@ def test_c_write_matches_the_general_path(monkeypatch: pytest.MonkeyPatch, seed:
     # Every kind of answer happened: C writes that overwrite and insert,
     # paths to make the volume's first (shared or clean since the checkpoint)
     # and refusals (compressed old pointers, full leaves, snapshots).
-    assert writes["refused"] > 5 and min(writes.values()) > 5, writes
+    assert min(writes.values()) > 5, writes
     assert min(n for kind, n in writes.items() if kind != "refused") > 20, writes
     for pool in (fast, general):
         pool.sync()
