@@ -1366,7 +1366,8 @@ PyDoc_STRVAR(block_checksums_doc,
 "block_checksums(data, out) -> None\n\n"
 "format.checksum of each BLOCK bytes of ``data`` (a whole number of blocks)\n"
 "into ``out``, an array('Q') of exactly one item per block.  Anything else\n"
-"raises (ValueError, TypeError, BufferError) with ``out`` unchanged.");
+"raises (ValueError, TypeError, BufferError) with ``out`` unchanged; only a\n"
+"failure of xxhash's Python function (the fallback) can leave it part filled.");
 
 /* A multi-block write takes the checksum of every block as it came: in
  * Python, with a memoryview slice and a call per block (the list of slices
@@ -1386,16 +1387,9 @@ block_checksums(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                      bv.len, cv.len / 8);
         err = 1;
     }
-    uint64_t *sums = NULL;
-    if (!err && (sums = PyMem_Malloc((nb + 1) * sizeof *sums)) == NULL) {
-        PyErr_NoMemory();
-        err = 1;
-    }
+    uint64_t *sums = cv.buf;
     for (Py_ssize_t m = 0; !err && m < nb; m++)
         err = raw_checksum((const char *)bv.buf + m * BLOCK, BLOCK, &sums[m]) < 0;
-    if (!err)
-        memcpy(cv.buf, sums, nb * sizeof *sums);
-    PyMem_Free(sums);
     PyBuffer_Release(&cv);
     PyBuffer_Release(&bv);
     if (err)

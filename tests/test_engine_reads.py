@@ -10,7 +10,7 @@ import random
 from array import array
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cowfs._oneblock import first_bad, native_checksums, raw_run, read_buffer
@@ -104,9 +104,11 @@ def test_raw_run_ends_where_the_run_ends(entries: list[tuple[int, int, int]],
         list(keys), list(addrs), list(slens), i, j)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # a mode for the whole test
 @given(st.integers(0, 12), st.integers(0, 4), st.sets(st.integers(0, 11)))
-def test_first_bad_finds_the_first_wrong_checksum(nb: int, start: int, wrong: set[int]) -> None:
+def test_first_bad_finds_the_first_wrong_checksum(checksum_path: str, nb: int, start: int,
+                                                  wrong: set[int]) -> None:
     """Proves: first_bad checks each block of a buffer against csums[i + m]
     and answers the first m that differs, or -1, whatever the offset i, with
     the checksums taken in C and through xxhash's Python function."""
@@ -118,15 +120,10 @@ def test_first_bad_finds_the_first_wrong_checksum(nb: int, start: int, wrong: se
         csums.append(good ^ 1 if m in wrong else good)
     csums.append(rng.getrandbits(64))           # entries after the buffer's: not read
     bad = [m for m in range(nb) if m in wrong]
-    try:
-        for native in (True, False):
-            native_checksums(native)
-            assert first_bad(buf, csums, start) == (bad[0] if bad else -1)
-            # A view that starts one block in, checked from the next checksum on.
-            assert first_bad(memoryview(buf)[BLOCK:], csums, start + 1) == next(
-                (m - 1 for m in bad if m >= 1), -1)
-    finally:
-        native_checksums(True)
+    assert first_bad(buf, csums, start) == (bad[0] if bad else -1)
+    # A view that starts one block in, checked from the next checksum on.
+    assert first_bad(memoryview(buf)[BLOCK:], csums, start + 1) == next(
+        (m - 1 for m in bad if m >= 1), -1)
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64",
