@@ -140,8 +140,9 @@ class Run:
         rather than leaving a forked job process holding the file open."""
         self.fio_runs += 1
         report = self.tmp / f"fio-{self.fio_runs:03d}.json"
-        run(["fio", "--name=snapbench", "--thread", *options, "--output-format=json",
-             f"--output={report}"], what, timeout=timeout)
+        # --randrepeat=0: fresh random offsets in each run (see tools/bench.py).
+        run(["fio", "--name=snapbench", "--thread", "--randrepeat=0", *options,
+             "--output-format=json", f"--output={report}"], what, timeout=timeout)
         job = json.loads(report.read_text())["jobs"][0]
         if job.get("error"):
             raise BenchError(f"{what}: fio job error {job['error']} ({os.strerror(job['error'])})")
@@ -282,7 +283,7 @@ def owned_write_iops(r: Run, path: Path, start: int, length: int) -> float:
 def randread_iops(r: Run, path: Path) -> float:
     """fio 4 KiB random-read IOPS (psync, QD1, O_DIRECT) over the first
     ``--small`` bytes of ``path``, from a cold host page cache so that no run
-    reads what the one before it left in memory (fio repeats its offsets)."""
+    reads what the one before it left in memory."""
     drop_caches()
     job = r.fio([f"--filename={path}", "--rw=randread", "--bs=4k", f"--size={r.args.small}",
                  "--ioengine=psync", "--iodepth=1", "--direct=1", "--time_based=1",
