@@ -45,7 +45,8 @@ gets the page cache under a default loop device.
 Profiles: ``seq-write-1M``, ``seq-read-1M``, ``rand-write-4K``,
 ``rand-read-4K`` (``ioengine=psync``, queue depth 1) and
 ``rand-write-4K-QD16``, ``rand-read-4K-QD16`` (``ioengine=libaio``,
-``iodepth=16``); writes end with an fsync.  Runs are interleaved per
+``iodepth=16``); writes end with an fsync, and every run draws fresh
+random offsets (``--randrepeat=0``).  Runs are interleaved per
 repetition and profile (cowfs, qcow2, ceiling, plain, cowfs, ...) so that
 drift of the host affects all targets alike; the host page cache is dropped
 before each run when the system allows it.  The table shows the median of
