@@ -29,6 +29,7 @@ from typing import Callable, Protocol
 
 from .errors import PoolError
 from ._oneblock import read_buffer
+from .diskreads import DiskReads
 
 PAGE = 4096  # granularity at which a power cut may keep or lose unsynced bytes
 # Writes of at least this many bytes (whole pages at a page offset) go to the
@@ -57,6 +58,25 @@ class PoolFile(Protocol):
         """What :meth:`pread` returns, if every byte of it is in the host's
         page cache now (read without waiting for the disk); otherwise None,
         and on Linux the disk read has started."""
+
+    def async_reads(self, notify_fd: int) -> bool:
+        """Make :meth:`pread_cached` start a read it misses without starting
+        the disk's work (:meth:`submit_reads` does that, for every read
+        started since, at once); the eventfd ``notify_fd`` (the caller's)
+        counts the finished ones (see :meth:`reap_reads`).  False where the
+        system cannot, and then nothing changes."""
+
+    def started_read(self) -> object:
+        """A token of the read the last :meth:`pread_cached` that answered
+        None started (or found started)."""
+
+    def submit_reads(self) -> list[object]:
+        """Hand the reads :meth:`pread_cached` started to the disk; the
+        tokens of those the system refused (asking again reads them)."""
+
+    def reap_reads(self) -> list[object]:
+        """Collect the finished reads, so that :meth:`pread_cached` answers
+        them; their tokens."""
 
     def pwrite(self, data: bytes | memoryview, offset: int) -> None:
         """Write all of ``data`` at ``offset`` or raise ``OSError``."""
@@ -246,6 +266,21 @@ class _DirectWriter:
                 self._finished.notify_all()
 
 
+class _Started:
+    """A read :meth:`OsFile.pread_cached` started without waiting (of the
+    pages around the ``length`` bytes wanted): ``done`` once it finished
+    (or was refused), then the bytes wanted in ``data`` (None if it failed
+    or was refused: read them again, synchronously)."""
+
+    __slots__ = ("done", "data", "skip", "length")
+
+    def __init__(self, length: int) -> None:
+        self.done = False
+        self.data: bytes | None = None
+        self.skip = 0             # bytes read before the wanted ones
+        self.length = length
+
+
 class OsFile:
     """A pool file backed by an OS file descriptor.
 
@@ -296,6 +331,10 @@ class OsFile:
         self._small_end = -1          # where the last small write ended
         self._writeback: _WritebackThread | None = None   # started at the first hint
         self._nowait_ok = True        # False once the kernel refused RWF_NOWAIT reads
+        self._reads: DiskReads | None = None   # reads that do not wait (async_reads)
+        # Reads started there, by (offset, length) (see _pread_async).
+        self._started: dict[tuple[int, int], _Started] = {}
+        self._last_started: _Started | None = None
 
     # -- reads -------------------------------------------------------------
 
@@ -315,6 +354,8 @@ class OsFile:
         return data
 
     def pread_cached(self, length: int, offset: int) -> bytes | bytearray | None:
+        if self._reads is not None:
+            return self._pread_async(length, offset)
         # preadv2(RWF_NOWAIT) answers EAGAIN instead of waiting for the disk,
         # and has started the disk read (Linux 6.18 here: 199 of 199 refused
         # 4 KiB reads were cached 2 ms later).  A kernel that did not start it
@@ -336,6 +377,72 @@ class OsFile:
             return self.pread(length, offset)
         # Not all cached (or past the end, which pread pads): None.
         return buf if n == length else None
+
+    def async_reads(self, notify_fd: int) -> bool:
+        if self._reads is None and self._open_direct():
+            try:
+                self._reads = DiskReads(self._direct_fd, notify_fd)
+            except OSError as e:
+                log.info("%s: no reads that do not wait here (%s)", self.name, e.strerror)
+        return self._reads is not None
+
+    def _pread_async(self, length: int, offset: int) -> bytes | bytearray | None:
+        assert self._reads is not None
+        key = (offset, length)
+        started = self._started.get(key)
+        if started is not None:
+            if not started.done:
+                self._last_started = started
+                return None
+            del self._started[key]
+            if started.data is not None:
+                return started.data
+            return self.pread(length, offset)     # failed or refused: its error here
+        if ((self._staged or self._jobs) and self._overlapped(offset, offset + length)) \
+                or self._reads.cached(offset, length):
+            return self.pread(length, offset)
+        started = _Started(length)
+        # O_DIRECT reads whole pages: a compressed block is cut out after.
+        first = offset - offset % PAGE
+        end = -(-(offset + length) // PAGE) * PAGE
+        started.skip = offset - first
+        if not self._reads.start(first, end - first, started):
+            return self.pread(length, offset)
+        if len(self._started) >= 4 * self._reads.depth:
+            # Answers nobody came back for (a request given up): forget them.
+            for k in [k for k, v in self._started.items() if v.done]:
+                del self._started[k]
+        self._started[key] = self._last_started = started
+        return None
+
+    def started_read(self) -> object:
+        return self._last_started
+
+    def submit_reads(self) -> list[object]:
+        if self._reads is None:
+            return []
+        refused = self._reads.submit()
+        for started in refused:
+            assert isinstance(started, _Started)
+            started.done = True       # data None: read when asked again
+        return refused
+
+    def reap_reads(self) -> list[object]:
+        if self._reads is None:
+            return []
+        finished = self._reads.reap()
+        for started, data in finished:
+            assert isinstance(started, _Started)
+            if data is not None and (started.skip or len(data) != started.length):
+                data = data[started.skip:started.skip + started.length]
+            started.data = data
+            started.done = True
+        return [started for started, _ in finished]
+
+    def _forget_reads(self, start: int, end: int) -> None:
+        """Drop started reads of any byte of ``[start, end)`` (being written)."""
+        for key in [k for k in self._started if k[0] < end and start < k[0] + k[1]]:
+            del self._started[key]
 
     def _holders(self, start: int, end: int) -> list[tuple[mmap.mmap, int, int]]:
         """Every buffered write over any byte of ``[start, end)`` as
@@ -374,6 +481,8 @@ class OsFile:
 
     def pwrite(self, data: bytes | memoryview, offset: int) -> None:
         n = len(data)
+        if self._started:
+            self._forget_reads(offset, offset + n)
         if n < STAGE_BYTES and not (offset | n) % PAGE:
             if self._staged:
                 if offset == self._stage_at + self._staged and self._staged + n <= STAGE_BYTES:
@@ -544,6 +653,10 @@ class OsFile:
                 self._settle()
             except OSError as e:
                 log.warning("%s: buffered writes dropped at close (%s)", self.name, e)
+        if self._reads is not None:
+            self._reads.close()           # waits for the reads in flight
+            self._reads = None
+            self._started.clear()
         for thread in (self._writer, self._writeback):
             # Before the descriptors go: their numbers may be reused at once.
             if thread is not None:
@@ -650,6 +763,18 @@ class SimFile:
             self._st.uncached -= 1
             return None
         return self.pread(length, offset)
+
+    def async_reads(self, notify_fd: int) -> bool:
+        return False
+
+    def started_read(self) -> object:
+        return None
+
+    def submit_reads(self) -> list[object]:
+        return []
+
+    def reap_reads(self) -> list[object]:
+        return []
 
     def pwrite(self, data: bytes | memoryview, offset: int) -> None:
         data = bytes(data)

@@ -638,6 +638,33 @@ class Pool(SnapshotOps):
         except lz4.block.LZ4BlockError:
             self._bad_block(v, b, sector)
 
+    def async_reads(self, notify_fd: int) -> bool:
+        """Let reads told not to wait start their disk reads without
+        starting the disk's work: :meth:`submit_reads` starts it for all
+        started since, in one call; the eventfd ``notify_fd`` (the caller's)
+        counts finished ones, :meth:`reap_reads` collects them and asking
+        :meth:`read` again answers them.  False where the system cannot
+        (then reads told not to wait start their disk reads as before).
+        A reload of the pool's state turns it off."""
+        return self.data.async_reads(notify_fd)
+
+    def started_read(self) -> object:
+        """A token of the disk read the last :meth:`read` that answered None
+        waits for; :meth:`submit_reads` and :meth:`reap_reads` name reads by
+        these tokens."""
+        return self.data.started_read()
+
+    def submit_reads(self) -> list[object]:
+        """Hand the disk reads started since the last call to the disk; the
+        tokens of those the system refused (asking :meth:`read` again reads
+        them, waiting)."""
+        return self.data.submit_reads()
+
+    def reap_reads(self) -> list[object]:
+        """Collect the finished disk reads (see :meth:`async_reads`); their
+        tokens."""
+        return self.data.reap_reads()
+
     def _pread_data(self, v: Dataset, length: int, sector: int,
                     wait: bool | Callable[[], bool] = True) -> bytes | bytearray | None:
         try:
