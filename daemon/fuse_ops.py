@@ -112,6 +112,10 @@ ATTR_TIMEOUT = 1.0
 # command changed before the write returns anyway.
 INVALIDATE_WAIT = 5.0
 
+# Turns of the trio loop a read that missed the page cache waits at most for
+# the queued requests to be taken up (each takes two or three turns).
+QUEUE_ROUNDS = 64
+
 NAME_MAX = 255
 
 # The pool has no inode table: report a large, constant inode count, of
@@ -375,6 +379,14 @@ class VolumeOps(pyfuse3.Operations):
         # start_session (without it, assume some are).
         self.queue_empty: Callable[[], bool] = lambda: False
         self._overlapped_reads = 0    # reads that let queued requests go first
+        # Reads that do not wait (serve_disk_reads): whether they are on, the
+        # eventfd that counts finished ones, and the requests waiting for theirs.
+        self._async_reads = False
+        self._notify_fd = -1
+        self._disk_waiters: dict[object, trio.Event] = {}
+        self._queue_gate: trio.Event | None = None
+        self._reads_off = trio.Event()     # set: for reads when they are off
+        self._reads_off.set()
         self._root_uid = os.getuid()
         self._root_gid = os.getgid()
         # Directory times are not stored in the pool: they start at mount
@@ -665,6 +677,11 @@ class VolumeOps(pyfuse3.Operations):
         job.inodes = [(VOLUME_INODE_BASE + i, False) for i in range(1, id_limit)]
         job.inodes.append((ROOT_INODE, True))
         self._invalidations_in.send_nowait(job)
+        if self._notify_fd >= 0:
+            # The data file was opened again, without the reads started on
+            # the old one: the requests waiting for those ask again.
+            self._async_reads = self.pool.async_reads(self._notify_fd)
+            self._wake_all_disk_waiters()
 
     # -- scrubs ----------------------------------------------------------
 
@@ -1049,15 +1066,23 @@ class VolumeOps(pyfuse3.Operations):
                 # only cost then, as the worker pyfuse3 starts meanwhile would
                 # run before the reply rather than after it (8% fewer reads
                 # at depth 1).
-                data = self.pool.read(handle.ds_id, off, size, wait=self.queue_empty)
+                if self._async_reads:
+                    # A read of one block waits for the disk in its own
+                    # system call only when nothing else is queued or on
+                    # its way from the disk; otherwise its disk read goes
+                    # with the others'.  A longer one always waits: the
+                    # pool answers a read of several runs of blocks only
+                    # once all are in, and one started early could be
+                    # answered and dropped while it waits for another.
+                    alone = (off % BLOCK + size > BLOCK
+                             or not self._disk_waiters and self.queue_empty())
+                    data = self.pool.read(handle.ds_id, off, size, wait=alone)
+                else:
+                    data = self.pool.read(handle.ds_id, off, size, wait=self.queue_empty)
                 if data is None:
-                    # Its disk read has started: let the queued requests start
-                    # theirs before this one waits, so that the disk serves
-                    # them together (4 KiB random reads at queue depth 16 were
-                    # served one at a time).
                     self._overlapped_reads += 1
-                    await trio.lowlevel.checkpoint()
-                    data = self.pool.read(handle.ds_id, off, size)
+                    data = await self._read_started(handle.ds_id, off, size,
+                                                    self._wait_for_disk_read())
                 return data
             except PoolError as err:
                 raise _stale_if_gone(err, handle.ds_id) from None
@@ -1067,6 +1092,102 @@ class VolumeOps(pyfuse3.Operations):
             start = off - handle.result_at
             return handle.result[start:start + size]
         return handle.content[off:off + size]
+
+    async def _read_started(self, ds_id: int, off: int, size: int,
+                            finished: trio.Event) -> bytes | bytearray:
+        """The answer to a read whose disk read has started; ``finished`` is
+        set when that disk read has finished.
+
+        It first lets the queued requests start theirs
+        (:meth:`_queue_taken_up`), so that the disk serves them together.
+        With reads that do not wait (:meth:`serve_disk_reads`), every read
+        started by then goes to the disk in one call and this one waits for
+        its answer while the thread serves others; otherwise it waits in a
+        read of its own, blocking the thread.
+        """
+        await self._queue_taken_up()
+        while True:
+            if not self._async_reads:
+                return self.pool.read(ds_id, off, size)
+            self._disk_reads_done(self.pool.submit_reads())
+            await finished.wait()
+            data = self.pool.read(ds_id, off, size, wait=False)
+            if data is not None:
+                return data
+            finished = self._wait_for_disk_read()     # its answer was dropped: again
+
+    async def _queue_taken_up(self) -> None:
+        """Return once no request is left queued for this mount (or after
+        ``QUEUE_ROUNDS`` turns of the trio loop, so that a steady stream of
+        requests cannot hold a read back for long).
+
+        A read whose disk read has started waits here before it waits for
+        the disk, so that every request queued with it starts its own first.
+        One waiting read (the first) watches the queue; the others wait for
+        it.  After a single turn of the loop instead, the next worker had
+        not yet taken up the next request: 4 KiB random reads at queue
+        depth 16 went to the disk one per call (44418 calls for 44418
+        reads), against about 11 per call after this.
+        """
+        gate = self._queue_gate
+        if gate is not None:
+            await gate.wait()
+            return
+        gate = self._queue_gate = trio.Event()
+        try:
+            for _ in range(QUEUE_ROUNDS):
+                await trio.lowlevel.checkpoint()
+                if self.queue_empty():
+                    break
+        finally:
+            self._queue_gate = None
+            gate.set()
+
+    def _wait_for_disk_read(self) -> trio.Event:
+        """An event set when the disk read the pool last answered None for
+        has finished (or the reads that do not wait stop)."""
+        if not self._async_reads:
+            return self._reads_off
+        token = self.pool.started_read()
+        finished = self._disk_waiters.get(token)
+        if finished is None:
+            finished = self._disk_waiters[token] = trio.Event()
+        return finished
+
+    def _disk_reads_done(self, tokens: list[object]) -> None:
+        """Wake the requests waiting for the disk reads named by ``tokens``."""
+        for token in tokens:
+            finished = self._disk_waiters.pop(token, None)
+            if finished is not None:
+                finished.set()
+
+    def _wake_all_disk_waiters(self) -> None:
+        """Wake every request waiting for a disk read (they ask again)."""
+        waiting, self._disk_waiters = self._disk_waiters, {}
+        for finished in waiting.values():
+            finished.set()
+
+    async def serve_disk_reads(self) -> None:
+        """Turn on reads that do not wait (see :meth:`_read_started`) and
+        wake the requests waiting for them as their disk reads finish; runs
+        until cancelled.  Where the pool's system cannot, reads block the
+        thread as before."""
+        notify_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            self._notify_fd = notify_fd
+            self._async_reads = self.pool.async_reads(notify_fd)
+            while True:
+                await trio.lowlevel.wait_readable(notify_fd)
+                try:
+                    os.eventfd_read(notify_fd)
+                except BlockingIOError:
+                    pass
+                self._disk_reads_done(self.pool.reap_reads())
+        finally:
+            self._async_reads = False
+            self._notify_fd = -1
+            self._wake_all_disk_waiters()
+            os.close(notify_fd)
 
     @_request
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -451,6 +451,7 @@ async def _run_mount(session: _Session) -> None:
         nursery.start_soon(_housekeeping, session.pool)
         nursery.start_soon(session.ops.serve_invalidations)
         nursery.start_soon(session.ops.serve_scrubs)
+        nursery.start_soon(session.ops.serve_disk_reads)
         nursery.start_soon(_confirm_live, session)
         try:
             await fuse_ops.serve_requests()
