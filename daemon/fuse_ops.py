@@ -375,9 +375,10 @@ class VolumeOps(pyfuse3.Operations):
     def __init__(self, pool: Pool) -> None:
         super().__init__()
         self.pool = pool
-        # Whether no more requests are queued for this mount now; set by
-        # start_session (without it, assume some are).
+        # Whether no more requests are queued for this mount now, and whether
+        # that can be known; set by start_session (without it, assume some are).
         self.queue_empty: Callable[[], bool] = lambda: False
+        self.queue_watched = False
         self._overlapped_reads = 0    # reads that let queued requests go first
         # Reads that do not wait (serve_disk_reads): whether they are on, the
         # eventfd that counts finished ones, and the requests waiting for theirs.
@@ -1135,7 +1136,8 @@ class VolumeOps(pyfuse3.Operations):
             return
         gate = self._queue_gate = trio.Event()
         try:
-            for _ in range(QUEUE_ROUNDS):
+            # Where the queue cannot be watched, one turn is all it waits.
+            for _ in range(QUEUE_ROUNDS if self.queue_watched else 1):
                 await trio.lowlevel.checkpoint()
                 if self.queue_empty():
                     break
@@ -1336,6 +1338,7 @@ def start_session(ops: VolumeOps, mountpoint: str, options: Iterable[str]) -> No
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         ops.queue_empty = lambda: not poller.poll(0)
+        ops.queue_watched = True
 
 
 def _fuse_device_fd() -> int | None:
