@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from .errors import PoolError
-from ._oneblock import read_buffer
+from ._oneblock import page_cached, read_buffer
 from .diskreads import DiskReads
 
 PAGE = 4096  # granularity at which a power cut may keep or lose unsynced bytes
@@ -57,14 +57,16 @@ class PoolFile(Protocol):
     def pread_cached(self, length: int, offset: int) -> bytes | bytearray | None:
         """What :meth:`pread` returns, if every byte of it is in the host's
         page cache now (read without waiting for the disk); otherwise None,
-        and on Linux the disk read has started."""
+        and on Linux the disk read has started (with :meth:`async_reads` on:
+        is queued, or was already)."""
 
     def async_reads(self, notify_fd: int) -> bool:
         """Make :meth:`pread_cached` start a read it misses without starting
         the disk's work (:meth:`submit_reads` does that, for every read
         started since, at once); the eventfd ``notify_fd`` (the caller's)
         counts the finished ones (see :meth:`reap_reads`).  False where the
-        system cannot, and then nothing changes."""
+        system cannot (no native AIO, cachestat or O_DIRECT), and then
+        nothing changes."""
 
     def started_read(self) -> object:
         """A token of the read the last :meth:`pread_cached` that answered
@@ -354,14 +356,15 @@ class OsFile:
         return data
 
     def pread_cached(self, length: int, offset: int) -> bytes | bytearray | None:
+        if (self._staged or self._jobs) and self._overlapped(offset, offset + length):
+            return self.pread(length, offset)
         if self._reads is not None:
             return self._pread_async(length, offset)
         # preadv2(RWF_NOWAIT) answers EAGAIN instead of waiting for the disk,
         # and has started the disk read (Linux 6.18 here: 199 of 199 refused
         # 4 KiB reads were cached 2 ms later).  A kernel that did not start it
         # costs only the overlap: the caller's blocking pread reads it then.
-        if not self._nowait_ok or ((self._staged or self._jobs)
-                                   and self._overlapped(offset, offset + length)):
+        if not self._nowait_ok:
             return self.pread(length, offset)
         buf = read_buffer(length)         # returned only if the read fills it
         try:
@@ -381,6 +384,7 @@ class OsFile:
     def async_reads(self, notify_fd: int) -> bool:
         if self._reads is None and self._open_direct():
             try:
+                page_cached(self.fd, 0, PAGE)     # OSError without cachestat
                 self._reads = DiskReads(self._direct_fd, notify_fd)
             except OSError as e:
                 log.info("%s: no reads that do not wait here (%s)", self.name, e.strerror)
@@ -398,8 +402,7 @@ class OsFile:
             if started.data is not None:
                 return started.data
             return self.pread(length, offset)     # failed or refused: its error here
-        if ((self._staged or self._jobs) and self._overlapped(offset, offset + length)) \
-                or self._reads.cached(offset, length):
+        if page_cached(self.fd, offset, length):
             return self.pread(length, offset)
         started = _Started(length)
         # O_DIRECT reads whole pages: a compressed block is cut out after.

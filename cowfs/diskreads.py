@@ -15,8 +15,6 @@ import os
 import platform
 import sys
 
-from ._oneblock import page_cached
-
 PAGE = mmap.PAGESIZE
 
 # io_setup, io_destroy, io_getevents, io_submit; the numbers differ by
@@ -67,9 +65,9 @@ class DiskReads:
 
     :meth:`start` queues a read in a free slot, :meth:`submit` hands every
     queued one to the kernel in one call, :meth:`reap` collects the finished
-    ones; the eventfd ``notify_fd`` (the caller's, which it drains) counts
+    ones; the eventfd ``notify_fd`` (the caller's, who drains it) counts
     finished reads.  Raises OSError from the constructor where the kernel
-    lacks native AIO or cachestat.
+    lacks native AIO.
     """
 
     def __init__(self, fd: int, notify_fd: int, depth: int = 64,
@@ -79,10 +77,8 @@ class DiskReads:
             raise OSError(errno.ENOSYS, f"no native AIO here ({platform.machine()}, "
                           f"{sys.byteorder}-endian)")
         self._setup, self._destroy, self._getevents, self._submit = calls
-        self._fd = fd
         self.depth = depth
         self.max_bytes = max_bytes
-        page_cached(fd, 0, PAGE)         # OSError where cachestat is missing
         self._ctx = ctypes.c_ulong(0)
         _check(_syscall(_long(self._setup), _long(depth), ctypes.byref(self._ctx)), "io_setup")
         self._mem = mmap.mmap(-1, depth * max_bytes)
@@ -102,11 +98,6 @@ class DiskReads:
         self._queued: list[int] = []
         self._tags: list[object] = [None] * depth
         self.in_flight = 0
-
-    def cached(self, offset: int, length: int) -> bool:
-        """Whether every page of the range is in the host's page cache now
-        (asked without starting a read of what is missing)."""
-        return page_cached(self._fd, offset, length)
 
     def start(self, offset: int, length: int, tag: object) -> bool:
         """Queue a read of ``length`` bytes at ``offset``, to be reported
