@@ -29,7 +29,7 @@ from typing import Callable, Protocol
 
 from .errors import PoolError
 from ._oneblock import page_cached, read_buffer
-from .diskreads import DiskReads
+from .aio import DiskReads, PageWrites
 
 PAGE = 4096  # granularity at which a power cut may keep or lose unsynced bytes
 # Writes of at least this many bytes (whole pages at a page offset) go to the
@@ -38,6 +38,10 @@ DIRECT_WRITE_MIN = 256 * 1024
 # Smaller page-aligned writes that follow one another in the file are gathered
 # into one write of up to this many bytes (OsFile.pwrite).
 STAGE_BYTES = DIRECT_WRITE_MIN
+# A run of small writes this short, when it ends, has its pages gathered with
+# pages written on their own (OsFile) rather than written through the page
+# cache.
+GATHER_RUN_MAX = 16 * PAGE
 # O_DIRECT writes are made from this many page-aligned buffers of this size by
 # a thread of their own (OsFile); a larger write takes several in turn.
 WRITE_BUFFERS = 4
@@ -192,16 +196,29 @@ class _WritebackThread:
 
 class _Job:
     """One write handed to a :class:`_DirectWriter`: ``length`` bytes of
-    ``buf`` (page-aligned memory) at file offset ``offset``."""
+    ``buf`` (page-aligned memory) at file offset ``offset``; or, if
+    ``pages`` is given, pages bound for scattered offsets: ``pages`` maps
+    each one's file offset to where it is in ``buf``."""
 
-    __slots__ = ("buf", "length", "offset", "done", "error")
+    __slots__ = ("buf", "length", "offset", "pages", "done", "error")
 
-    def __init__(self, buf: mmap.mmap, length: int, offset: int) -> None:
+    def __init__(self, buf: mmap.mmap, length: int, offset: int,
+                 pages: dict[int, int] | None = None) -> None:
         self.buf = buf
         self.length = length
         self.offset = offset
+        self.pages = pages
         self.done = False
         self.error: OSError | None = None
+
+
+def _pages_over(pages: dict[int, int], start: int, end: int) -> list[tuple[int, int]]:
+    """``(file offset, place in the buffer)`` of every page of ``pages`` (see
+    :class:`_Job`) over any byte of ``[start, end)``."""
+    first = start - start % PAGE
+    if (end - first) // PAGE <= len(pages):
+        return [(o, pages[o]) for o in range(first, end, PAGE) if o in pages]
+    return [(o, at) for o, at in pages.items() if start < o + PAGE and o < end]
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int, name: str) -> None:
@@ -230,6 +247,8 @@ class _DirectWriter:
     def __init__(self, fd: int, name: str) -> None:
         self._fd = fd
         self._name = name
+        # Set by the owner before it hands over a job with pages.
+        self.page_writes: PageWrites | None = None
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._finished = threading.Condition()
         self._thread = threading.Thread(target=self._run, name=f"direct writes {name}",
@@ -257,8 +276,12 @@ class _DirectWriter:
             if job is None:
                 return
             try:
-                with memoryview(job.buf) as whole, whole[:job.length] as view:
-                    _pwrite_all(self._fd, view, job.offset, self._name)
+                if job.pages is not None:
+                    assert self.page_writes is not None
+                    self.page_writes.write(job.buf, job.pages)
+                else:
+                    with memoryview(job.buf) as whole, whole[:job.length] as view:
+                        _pwrite_all(self._fd, view, job.offset, self._name)
             except OSError as e:
                 # Without its traceback, whose frames would keep views of
                 # the buffer alive.
@@ -306,6 +329,16 @@ class OsFile:
     space land one after the other: one disk write per 64 of them instead of
     a page-cache write each and its writeback.
 
+    A page written on its own (random writes into reused space, which lies
+    scattered) is gathered with others into one more buffer, bound for
+    their own places, and written by that thread with one system call for
+    all (:class:`PageWrites`, Linux native AIO) once the buffer is full:
+    through the page cache, each cost the request thread 6 us (random 4 KiB
+    writes at depth 16 over a filled volume ran 18% faster without them)
+    and the writeback thread its sync_file_range.  A newer write over a
+    gathered page replaces it there.  Where native AIO is missing, such
+    pages go through the page cache as before.
+
     What that costs the contract, nothing: every read returns the newest
     bytes (from a buffer that holds all of them, else after the buffers are
     written); any other write waits for the buffered writes it overlaps;
@@ -331,6 +364,10 @@ class OsFile:
         self._stage_at = 0            # file offset of the stage's first byte
         self._staged = 0              # bytes staged, 0 when nothing is
         self._small_end = -1          # where the last small write ended
+        self._gathering: _Job | None = None   # lone pages gathered (class doc)
+        self._gather_used = 0        # bytes of its buffer used
+        self._page_writes: PageWrites | None = None   # made at the first lone page
+        self._gather_ok = True       # False where PageWrites cannot be made
         self._writeback: _WritebackThread | None = None   # started at the first hint
         self._nowait_ok = True        # False once the kernel refused RWF_NOWAIT reads
         self._reads: DiskReads | None = None   # reads that do not wait (async_reads)
@@ -341,7 +378,7 @@ class OsFile:
     # -- reads -------------------------------------------------------------
 
     def pread(self, length: int, offset: int) -> bytes:
-        if self._staged or self._jobs:
+        if self._staged or self._jobs or self._gathering is not None:
             held = self._held(length, offset)
             if held is not None:
                 return held
@@ -356,7 +393,8 @@ class OsFile:
         return data
 
     def pread_cached(self, length: int, offset: int) -> bytes | bytearray | None:
-        if (self._staged or self._jobs) and self._overlapped(offset, offset + length):
+        if ((self._staged or self._jobs or self._gathering is not None)
+                and self._overlapped(offset, offset + length)):
             return self.pread(length, offset)
         if self._reads is not None:
             return self._pread_async(length, offset)
@@ -447,17 +485,39 @@ class OsFile:
         for key in [k for k in self._started if k[0] < end and start < k[0] + k[1]]:
             del self._started[key]
 
-    def _holders(self, start: int, end: int) -> list[tuple[mmap.mmap, int, int]]:
+    def _holders(self, start: int, end: int) -> list[tuple[mmap.mmap, int, int, int]]:
         """Every buffered write over any byte of ``[start, end)`` as
-        ``(buffer, file offset, length)``: the stage first, then the
-        handed-over writes, oldest first."""
+        ``(buffer, place in it, file offset, length)``: the stage and the
+        gathered lone pages first, then the handed-over writes, oldest
+        first."""
         holders = []
         if self._staged and start < self._stage_at + self._staged and end > self._stage_at:
             assert self._stage is not None
-            holders.append((self._stage, self._stage_at, self._staged))
-        holders += [(j.buf, j.offset, j.length) for j in self._jobs
-                    if start < j.offset + j.length and end > j.offset]
+            holders.append((self._stage, 0, self._stage_at, self._staged))
+        if self._gathering is not None:
+            buf = self._gathering.buf
+            holders += [(buf, at, o, PAGE)
+                        for o, at in _pages_over(self._gathering.pages or {}, start, end)]
+        for j in self._jobs:
+            if j.pages is None:
+                if start < j.offset + j.length and end > j.offset:
+                    holders.append((j.buf, 0, j.offset, j.length))
+            else:
+                holders += [(j.buf, at, o, PAGE) for o, at in _pages_over(j.pages, start, end)]
         return holders
+
+    def _settle_over(self, start: int, end: int) -> None:
+        """Wait for the handed-over writes up to the newest one over any
+        byte of ``[start, end)`` (a write made now over them lands after
+        them).  Not for all: a batch of gathered pages takes milliseconds,
+        and random writes waited for the batch in flight over and over."""
+        last = 0
+        for i, j in enumerate(self._jobs, 1):
+            if (start < j.offset + j.length and end > j.offset if j.pages is None
+                    else _pages_over(j.pages, start, end)):
+                last = i
+        if last:
+            self._settle(last)
 
     def _overlapped(self, start: int, end: int) -> bool:
         """Whether a buffered write (staged or handed over) covers any byte
@@ -473,11 +533,12 @@ class OsFile:
         if not holders:
             return None
         if len(holders) == 1:
-            buf, at, n = holders[0]
+            buf, place, at, n = holders[0]
             if at <= offset and end <= at + n:
-                return buf[offset - at:end - at]
+                return buf[place + offset - at:place + end - at]
         self.flush_stage()
-        self._settle()
+        self._send_gathered()
+        self._settle_over(offset, end)
         return None
 
     # -- writes ------------------------------------------------------------
@@ -486,53 +547,130 @@ class OsFile:
         n = len(data)
         if self._started:
             self._forget_reads(offset, offset + n)
-        if n < STAGE_BYTES and not (offset | n) % PAGE:
-            if self._staged:
-                if offset == self._stage_at + self._staged and self._staged + n <= STAGE_BYTES:
-                    self._stage[self._staged:self._staged + n] = data   # type: ignore[index]
-                    self._staged += n
-                    return
-                self.flush_stage()
+        small = n < STAGE_BYTES and not (offset | n) % PAGE
+        if self._staged:
+            if small and offset == self._stage_at + self._staged and self._staged + n <= STAGE_BYTES:
+                if self._gathering is not None and self._gathering.pages:
+                    self._drop_gathered(offset, n)
+                self._stage[self._staged:self._staged + n] = data   # type: ignore[index]
+                self._staged += n
+                return
+            # The last small write ended where the stage ends: a run that
+            # filled its stage goes on in a new one.  (Without this the
+            # write after each full stage went through the page cache: one
+            # in 65 random writes into fresh space.)
+            self._small_end = self._stage_at + self._staged
+            self.flush_stage()
+        # After the stage is on its way: a short one may have been gathered.
+        if self._gathering is not None and self._gathering.pages:
+            self._drop_gathered(offset, n)
+        if small:
             follows = offset == self._small_end
             self._small_end = offset + n
             if follows:
                 # The second of a run of writes one after the other: stage.
-                # (A write on its own, as random writes into reused space
-                # are, goes straight to the page cache below.)
                 if self._stage is None:
                     self._stage = self._buffer()
                 self._stage[:n] = data
                 self._stage_at = offset
                 self._staged = n
                 return
-        else:
-            if self._staged:
-                self.flush_stage()
-            if not (offset | n) % PAGE and self._open_direct():
-                view = memoryview(data).cast("B")
-                for at in range(0, n, WRITE_BUFFER_BYTES):
-                    part = view[at:at + WRITE_BUFFER_BYTES]
-                    buf = self._buffer()
-                    buf[:len(part)] = part
-                    self._hand_over(buf, len(part), offset + at)
+            if n == PAGE and self._can_gather():
+                self._gather(data, offset)
                 return
-        if self._jobs and self._overlapped(offset, offset + n):
-            self._settle()          # where writes overlap, the newest lands last
+        elif not (offset | n) % PAGE and self._open_direct():
+            view = memoryview(data).cast("B")
+            for at in range(0, n, WRITE_BUFFER_BYTES):
+                part = view[at:at + WRITE_BUFFER_BYTES]
+                buf = self._buffer()
+                buf[:len(part)] = part
+                self._hand_over(_Job(buf, len(part), offset + at))
+            return
+        if self._jobs:
+            self._settle_over(offset, offset + n)   # the newest lands last
         self._write_out(data, offset)
+
+    def _can_gather(self) -> bool:
+        """Whether pages written on their own can be gathered (class doc);
+        where O_DIRECT or native AIO is missing they go through the page
+        cache."""
+        if self._page_writes is None:
+            if not self._gather_ok or not self._open_direct():
+                return False
+            try:
+                self._page_writes = PageWrites(self._direct_fd)
+            except OSError as e:
+                log.info("%s: lone page writes go through the page cache (%s)",
+                         self.name, e.strerror)
+                self._gather_ok = False
+                return False
+        return True
+
+    def _gather(self, data: bytes | memoryview, offset: int) -> None:
+        """Gather the page ``data``, bound for ``offset``, with others (see
+        :meth:`_can_gather`); a full buffer of them goes to the writer."""
+        job = self._gathering
+        if job is None:
+            job = self._gathering = _Job(self._buffer(), 0, 0, {})
+            self._gather_used = 0
+        assert job.pages is not None
+        at = self._gather_used
+        job.buf[at:at + PAGE] = data
+        job.pages[offset] = at
+        self._gather_used = at + PAGE
+        if self._gather_used == WRITE_BUFFER_BYTES:
+            self._send_gathered()
+
+    def _drop_gathered(self, offset: int, n: int) -> None:
+        """Before a write of ``n`` bytes at ``offset``: drop the gathered
+        pages it covers whole (it replaces them), or, if it covers one in
+        part, send them on their way first (it must land after them)."""
+        assert self._gathering is not None and self._gathering.pages is not None
+        pages = self._gathering.pages
+        if n == PAGE and not offset % PAGE:
+            pages.pop(offset, None)     # the common case, kept short
+            return
+        over = _pages_over(pages, offset, offset + n)
+        if not over:
+            return
+        if (offset | n) % PAGE:
+            self._send_gathered()
+            return
+        for o, _ in over:
+            del pages[o]
+
+    def _send_gathered(self) -> None:
+        """Hand the gathered lone pages to the writer thread."""
+        job = self._gathering
+        if job is None:
+            return
+        self._gathering = None
+        if job.pages:
+            self._hand_over(job)
+        else:
+            self._spare.append(job.buf)
 
     def flush_stage(self) -> None:
         """Send the staged bytes on their way to the file: handed to the
-        writer thread if there are enough for O_DIRECT, else written now
-        through the page cache.  On failure they stay staged."""
+        writer thread if there are enough for O_DIRECT, gathered with lone
+        pages if they are few (GATHER_RUN_MAX), else written now through the
+        page cache.  On failure they stay staged."""
         if not self._staged:
             return
         assert self._stage is not None
         if self._staged >= DIRECT_WRITE_MIN and self._open_direct():
-            self._hand_over(self._stage, self._staged, self._stage_at)
+            self._hand_over(_Job(self._stage, self._staged, self._stage_at))
             self._stage = None
+        elif self._staged <= GATHER_RUN_MAX and self._can_gather():
+            # A short run (a few units free side by side in reused space):
+            # its pages are gathered like lone ones.
+            with memoryview(self._stage) as whole:
+                for at in range(0, self._staged, PAGE):
+                    with whole[at:at + PAGE] as page:
+                        self._gather(page, self._stage_at + at)
         else:
-            if self._jobs and self._overlapped(self._stage_at, self._stage_at + self._staged):
-                self._settle()
+            if self._jobs:
+                self._settle_over(self._stage_at, self._stage_at + self._staged)
             with memoryview(self._stage) as whole, whole[:self._staged] as view:
                 self._write_out(view, self._stage_at)
         self._staged = 0
@@ -565,11 +703,17 @@ class OsFile:
         self._settle(1)
         return self._spare.pop()
 
-    def _hand_over(self, buf: mmap.mmap, n: int, offset: int) -> None:
+    def _hand_over(self, job: _Job) -> None:
         if self._writer is None:
             self._writer = _DirectWriter(self._direct_fd, self.name)
-        job = _Job(buf, n, offset)
-        self._jobs.append(job)
+        if job.pages is not None:
+            self._writer.page_writes = self._page_writes
+        # Writes finished meanwhile give their buffers back now: fewer for
+        # every read and write to look through.
+        jobs = self._jobs
+        while jobs and jobs[0].done and jobs[0].error is None:
+            self._spare.append(jobs.pop(0).buf)
+        jobs.append(job)
         self._writer.submit(job)
 
     def _settle(self, count: int | None = None) -> None:
@@ -595,11 +739,19 @@ class OsFile:
         for job in self._jobs:
             self._writer.wait(job)
         first = self._jobs[0]
-        log.warning("%s: a write of %d bytes at %d failed (%s); writing it again",
-                    self.name, first.length, first.offset, first.error)
+        what = (f"{len(first.pages)} gathered pages" if first.pages is not None
+                else f"{first.length} bytes at {first.offset}")
+        log.warning("%s: a write of %s failed (%s); writing it again",
+                    self.name, what, first.error)
         for job in self._jobs:
-            with memoryview(job.buf) as whole, whole[:job.length] as view:
-                self._write_out(view, job.offset)
+            with memoryview(job.buf) as whole:
+                if job.pages is not None:
+                    for o, at in job.pages.items():
+                        with whole[at:at + PAGE] as view:
+                            self._write_out(view, o)
+                else:
+                    with whole[:job.length] as view:
+                        self._write_out(view, job.offset)
 
     def _write_out(self, data: bytes | memoryview, offset: int) -> None:
         """Write ``data`` to the file now, in this thread: large page-aligned
@@ -625,6 +777,7 @@ class OsFile:
 
     def sync(self) -> None:
         self.flush_stage()
+        self._send_gathered()
         self._settle()
         os.fdatasync(self.fd)
 
@@ -648,11 +801,12 @@ class OsFile:
             os.posix_fallocate(self.fd, cur, size - cur)
 
     def close(self) -> None:
-        if self.fd >= 0 and (self._staged or self._jobs):
+        if self.fd >= 0 and (self._staged or self._jobs or self._gathering is not None):
             # Not durable either way: a pool closes after its last sync, so
             # only one that gave its unsynced changes up gets here.
             try:
                 self.flush_stage()
+                self._send_gathered()
                 self._settle()
             except OSError as e:
                 log.warning("%s: buffered writes dropped at close (%s)", self.name, e)
@@ -665,17 +819,21 @@ class OsFile:
             if thread is not None:
                 thread.stop()
         self._writer = self._writeback = None
+        if self._page_writes is not None:
+            self._page_writes.close()
+            self._page_writes = None
         for fd in (self.fd, self._direct_fd):
             if fd >= 0:
                 os.close(fd)
         self.fd = self._direct_fd = -1
-        for buf in [self._stage, *self._spare, *(j.buf for j in self._jobs)]:
+        gathering = [self._gathering.buf] if self._gathering is not None else []
+        for buf in [self._stage, *gathering, *self._spare, *(j.buf for j in self._jobs)]:
             try:
                 if buf is not None:
                     buf.close()
             except BufferError:
                 pass    # a view of it lives on (in a traceback): freed with it
-        self._stage = None
+        self._stage = self._gathering = None
         self._spare, self._jobs, self._staged = [], [], 0
 
 

@@ -11,10 +11,11 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
-from cowfs import blockio
+from cowfs import aio, blockio
 from cowfs.blockio import DIRECT_WRITE_MIN, PAGE, OsStorage
 from cowfs.errors import PoolError
 from cowfs.pool import Pool
@@ -203,6 +204,19 @@ def test_pread_cached_without_nowait_support_waits(tmp_path: Path,
     f.close()
 
 
+def before_page_writes(monkeypatch: pytest.MonkeyPatch,
+                       hook: Callable[[dict[int, int]], None]) -> None:
+    """Call ``hook`` with the pages of every PageWrites.write before it
+    writes them (it may raise instead)."""
+    real_write = aio.PageWrites.write
+
+    def hooked(self, buf, pages):
+        hook(pages)
+        return real_write(self, buf, pages)
+
+    monkeypatch.setattr(aio.PageWrites, "write", hooked)
+
+
 def slow_background_writes(monkeypatch: pytest.MonkeyPatch, seconds: float = 0.002) -> None:
     """Make every write of the writer threads take ``seconds`` longer, so
     that later calls find handed-over writes still in flight."""
@@ -214,35 +228,44 @@ def slow_background_writes(monkeypatch: pytest.MonkeyPatch, seconds: float = 0.0
         return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr(blockio.os, "pwrite", slow)
+    before_page_writes(monkeypatch, lambda pages: time.sleep(seconds))
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_staged_and_handed_over_writes_agree_with_a_model(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
     """Proves: with the writer thread slowed down, a random mix of runs of
-    small writes one after the other (staged), 256 KiB-1 MiB writes (handed
+    small writes one after the other (staged), bursts of lone page writes
+    (gathered, then handed over 256 at a time), 256 KiB-1 MiB writes (handed
     to the thread), 2 MiB writes (handed over in 1 MiB pieces), unaligned
     writes (made at once), rewrites
     of ranges still in flight, reads and cached reads over all of it and
     syncs always reads what a bytearray model holds, and after close the
-    file on disk is the model; and that reads did meet staged bytes and
-    writes in flight."""
+    file on disk is the model; and that reads did meet staged bytes,
+    gathered pages and writes in flight."""
     slow_background_writes(monkeypatch)
     rng = random.Random(seed)
     f = OsStorage(str(tmp_path)).open("data", create=True)
     f.allocate(FILE_SIZE)
     model = bytearray(FILE_SIZE)
-    seen = {"staged": 0, "in flight": 0, "handed over": 0}
+    seen = {"staged": 0, "in flight": 0, "handed over": 0, "gathered": 0,
+            "gathered pages handed over": 0, "gathered page replaced": 0}
     recent: list[tuple[int, int]] = []
 
     def write(offset: int, data: bytes) -> None:
+        gathered = f._gathering.pages if f._gathering is not None else {}
+        seen["gathered page replaced"] += any(
+            o in gathered for o in range(offset - offset % PAGE, offset + len(data), PAGE))
         f.pwrite(data, offset)
         model[offset:offset + len(data)] = data
         recent.append((offset, len(data)))
         seen["handed over"] += len(f._jobs) > 0
+        seen["gathered pages handed over"] += any(j.pages is not None for j in f._jobs)
 
     def check_read(offset: int, length: int, step: int) -> None:
         seen["staged"] += f._staged > 0 and f._overlapped(offset, offset + length)
+        seen["gathered"] += f._gathering is not None and bool(
+            blockio._pages_over(f._gathering.pages or {}, offset, offset + length))
         seen["in flight"] += any(not j.done for j in f._jobs)
         want = model[offset:offset + length]
         got = f.pread_cached(length, offset) if rng.random() < 0.5 else f.pread(length, offset)
@@ -271,6 +294,10 @@ def test_staged_and_handed_over_writes_agree_with_a_model(
             offset = near_recent(size * count)
             for i in range(count):
                 write(offset + i * size, rng.randbytes(size))
+        elif kind < 0.45:     # lone pages here and there, some over recent ones
+            for _ in range(rng.randrange(1, 300)):
+                write(near_recent(PAGE) if rng.random() < 0.3
+                      else rng.randrange(0, FILE_SIZE // PAGE) * PAGE, rng.randbytes(PAGE))
         elif kind < 0.6:      # a large write, or a rewrite of one still in flight
             length = rng.choice([DIRECT_WRITE_MIN, 2 * DIRECT_WRITE_MIN, 1 << 20])
             write(near_recent(length), rng.randbytes(length))
@@ -432,5 +459,81 @@ def test_writes_over_bytes_in_flight_land_after_them(
     assert f._staged == 2 * PAGE and not f._jobs[0].done
     write(b"z" * PAGE, at + DIRECT_WRITE_MIN + PAGE)  # sends the stage on its way
     f.sync()
+    f.close()
+    assert (tmp_path / "data").read_bytes() == model
+
+
+def test_lone_pages_are_gathered_and_later_writes_land_over_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Proves: pages written on their own are held in memory (not yet in
+    the file) and read back from there; a later unaligned write into one
+    and a later whole-page write over another both win over the gathered
+    bytes, in reads and in the file; a full buffer of them (256) goes to the
+    file in one PageWrites call, and sync writes the rest."""
+    calls: list[int] = []
+    before_page_writes(monkeypatch, lambda pages: calls.append(len(pages)))
+    f = OsStorage(str(tmp_path)).open("data", create=True)
+    model = bytearray(1024 * PAGE)
+    f.allocate(len(model))
+    rng = random.Random(5)
+
+    def write(data: bytes, offset: int) -> None:
+        f.pwrite(data, offset)
+        model[offset:offset + len(data)] = data
+
+    def on_disk(offset: int, length: int) -> bytes:
+        with open(tmp_path / "data", "rb") as fresh:
+            fresh.seek(offset)
+            return fresh.read(length)
+
+    write(rng.randbytes(PAGE), 10 * PAGE)
+    write(rng.randbytes(PAGE), 20 * PAGE)
+    assert f._gathering is not None and sorted(f._gathering.pages) == [10 * PAGE, 20 * PAGE]
+    assert on_disk(10 * PAGE, PAGE) == bytes(PAGE), "a gathered page reached the file early"
+    assert f.pread(PAGE, 10 * PAGE) == model[10 * PAGE:11 * PAGE]
+    write(b"u" * 100, 10 * PAGE + 7)                 # unaligned, into a gathered page
+    assert calls == [2], "the unaligned write did not wait for the gathered pages"
+    assert f.pread(2 * PAGE, 9 * PAGE) == model[9 * PAGE:11 * PAGE]
+    write(rng.randbytes(PAGE), 20 * PAGE)            # a whole page over a gathered one
+    assert f.pread(PAGE, 20 * PAGE) == model[20 * PAGE:21 * PAGE]
+    # Every other page from 100 on: none follows the one before, so all are gathered.
+    for i in range(256):
+        write(rng.randbytes(PAGE), (100 + 2 * i) * PAGE)
+    assert [len(j.pages) for j in f._jobs if j.pages is not None] == [256]
+    assert f.pread(len(model), 0) == model
+    f.sync()
+    # Page 20 again and the first 255 of the loop's filled a buffer; sync
+    # wrote the last one.
+    assert calls == [2, 256, 1], f"gathered pages written as {calls}"
+    assert on_disk(0, len(model)) == model
+    f.close()
+
+
+def test_failed_gathered_page_writes_are_made_again_at_sync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Proves: when the writer thread's write of gathered pages fails, the
+    pages stay readable from memory and sync writes them again (logged),
+    so the file ends with every one of them."""
+    failures: list[int] = []
+
+    def fail_first(pages: dict[int, int]) -> None:
+        if not failures:
+            failures.append(len(pages))
+            raise OSError(errno.EIO, "injected EIO")
+
+    before_page_writes(monkeypatch, fail_first)
+    f = OsStorage(str(tmp_path)).open("data", create=True)
+    model = bytearray(600 * PAGE)
+    f.allocate(len(model))
+    rng = random.Random(6)
+    for i in range(256):
+        data = rng.randbytes(PAGE)
+        f.pwrite(data, 2 * i * PAGE)
+        model[2 * i * PAGE:(2 * i + 1) * PAGE] = data
+    assert f.pread(len(model), 0) == model
+    with caplog.at_level(logging.WARNING, logger="cowfs.blockio"):
+        f.sync()
+    assert failures == [256] and "injected EIO" in caplog.text
     f.close()
     assert (tmp_path / "data").read_bytes() == model

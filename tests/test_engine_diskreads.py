@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cowfs import diskreads
+from cowfs import aio
 from cowfs.blockio import PAGE, OsFile, OsStorage
 
 PAGES = 64
@@ -119,7 +119,7 @@ def test_reads_the_disk_refuses_or_that_do_not_fit_are_read_waiting(
         drop_cache(f)
         assert f.pread_cached(PAGE, 20 * PAGE) is None
         token = f.started_read()
-        monkeypatch.setattr(diskreads, "_syscall", lambda *args: -1)
+        monkeypatch.setattr(aio, "_syscall", lambda *args: -1)
         assert f.submit_reads() == [token]
         monkeypatch.undo()
         assert f.pread_cached(PAGE, 20 * PAGE) == payload[20 * PAGE:21 * PAGE]
