@@ -266,7 +266,13 @@ class PageWrites:
                     failed = failed or e
             waiting = taken
             while waiting:
-                n = self._ctx.getevents(waiting, None)
+                try:
+                    n = self._ctx.getevents(waiting, None)
+                except OSError:
+                    # The kernel may still be writing from ``buf``: wait for
+                    # all of it before the caller can reuse the buffer.
+                    self._renew()
+                    raise
                 waiting -= n
                 results = self._events[2:4 * n:4].tolist()
                 if failed is None and results.count(PAGE) != n:
@@ -277,6 +283,14 @@ class PageWrites:
                                           f"{os.strerror(err)}")
         if failed is not None:
             raise failed
+
+    def _renew(self) -> None:
+        """Replace the context with a fresh one; io_destroy waits for every
+        write in flight on the old one first."""
+        self._events.release()
+        self._ctx.close()
+        self._ctx = _Context(self.depth)
+        self._events = memoryview(self._ctx.events).cast("B").cast("q")
 
     def close(self) -> None:
         """Free the context."""
