@@ -213,11 +213,11 @@ class PageWrites:
     Measured with fio on this project's development VM (random 4 KiB writes
     into a 1 GiB file): 3.1 us of CPU a write in batches of 256 like these,
     against 5.4 us through the page cache (before the writeback that the
-    page cache still owes).  The iocbs are filled through array views, not
-    field by field: the calling thread holds the GIL for that part, and per
-    field through ctypes it held it for about 1.5 us a page, which the
-    request thread spent waiting.  Raises OSError from the constructor where
-    the kernel lacks native AIO.
+    page cache still owes).  The iocbs are filled through array views rather
+    than field by field through ctypes: the calling thread (the writer)
+    holds the GIL for that part, and the request thread waits for it
+    meanwhile.  Raises OSError from the constructor where the kernel lacks
+    native AIO.
     """
 
     def __init__(self, fd: int, depth: int = 256) -> None:
