@@ -207,8 +207,9 @@ class DiskReads:
 
 
 class PageWrites:
-    """Writes of single pages at scattered offsets of ``fd`` (opened with
-    O_DIRECT), up to ``depth`` per system call.
+    """Writes of ``size`` bytes each (the caller's page) at scattered
+    offsets of ``fd`` (opened with O_DIRECT), up to ``depth`` per system
+    call.
 
     Measured with fio on this project's development VM (random 4 KiB writes
     into a 1 GiB file): 3.1 us of CPU a write in batches of 256 like these,
@@ -220,15 +221,16 @@ class PageWrites:
     native AIO.
     """
 
-    def __init__(self, fd: int, depth: int = 256) -> None:
+    def __init__(self, fd: int, size: int, depth: int = 256) -> None:
         self._ctx = _Context(depth)
         self.depth = depth
+        self.size = size
         self._iocbs = (_Iocb * depth)()
         for i, cb in enumerate(self._iocbs):
             cb.data = i
             cb.opcode = _IOCB_CMD_PWRITE
             cb.fildes = fd
-            cb.nbytes = PAGE
+            cb.nbytes = size
         # struct iocb is 8 words: buf is word 3, offset word 5.
         self._bufs = memoryview(self._iocbs).cast("B").cast("Q")
         self._offsets = memoryview(self._iocbs).cast("B").cast("q")
@@ -259,8 +261,8 @@ class PageWrites:
                 # Refused (say, EAGAIN with the device busy): written here.
                 at = addresses[first + i] - base
                 try:
-                    with memoryview(buf) as whole:
-                        if os.pwrite(self._fd, whole[at:at + PAGE], offsets[first + i]) != PAGE:
+                    with memoryview(buf) as whole, whole[at:at + self.size] as page:
+                        if os.pwrite(self._fd, page, offsets[first + i]) != self.size:
                             raise OSError(errno.EIO, f"short write at {offsets[first + i]}")
                 except OSError as e:
                     failed = failed or e
@@ -275,8 +277,8 @@ class PageWrites:
                     raise
                 waiting -= n
                 results = self._events[2:4 * n:4].tolist()
-                if failed is None and results.count(PAGE) != n:
-                    k = next(k for k, res in enumerate(results) if res != PAGE)
+                if failed is None and results.count(self.size) != n:
+                    k = next(k for k, res in enumerate(results) if res != self.size)
                     res, i = results[k], self._events[4 * k]
                     err = -res if res < 0 else errno.EIO
                     failed = OSError(err, f"writing a page at {offsets[first + i]}: "

@@ -198,7 +198,8 @@ class _Job:
     """One write handed to a :class:`_DirectWriter`: ``length`` bytes of
     ``buf`` (page-aligned memory) at file offset ``offset``; or, if
     ``pages`` is given, pages bound for scattered offsets: ``pages`` maps
-    each one's file offset to where it is in ``buf``."""
+    each one's file offset to where it is in ``buf``, and ``length`` is how
+    much of ``buf`` has been filled."""
 
     __slots__ = ("buf", "length", "offset", "pages", "done", "error")
 
@@ -211,14 +212,18 @@ class _Job:
         self.done = False
         self.error: OSError | None = None
 
-
-def _pages_over(pages: dict[int, int], start: int, end: int) -> list[tuple[int, int]]:
-    """``(file offset, place in the buffer)`` of every page of ``pages`` (see
-    :class:`_Job`) over any byte of ``[start, end)``."""
-    first = start - start % PAGE
-    if (end - first) // PAGE <= len(pages):
-        return [(o, pages[o]) for o in range(first, end, PAGE) if o in pages]
-    return [(o, at) for o, at in pages.items() if start < o + PAGE and o < end]
+    def over(self, start: int, end: int) -> list[tuple[int, int, int]]:
+        """What this write holds of ``[start, end)``: ``(place in buf, file
+        offset, length)`` of the run, or of each page, over any of it."""
+        pages = self.pages
+        if pages is None:
+            if start < self.offset + self.length and end > self.offset:
+                return [(0, self.offset, self.length)]
+            return []
+        first = start - start % PAGE
+        if (end - first) // PAGE <= len(pages):
+            return [(pages[o], o, PAGE) for o in range(first, end, PAGE) if o in pages]
+        return [(at, o, PAGE) for o, at in pages.items() if start < o + PAGE and o < end]
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int, name: str) -> None:
@@ -366,7 +371,6 @@ class OsFile:
         self._staged = 0              # bytes staged, 0 when nothing is
         self._small_end = -1          # where the last small write ended
         self._gathering: _Job | None = None   # lone pages gathered (class doc)
-        self._gather_used = 0        # bytes of its buffer used
         self._page_writes: PageWrites | None = None   # made at the first lone page
         self._gather_ok = True       # False where PageWrites cannot be made
         self._writeback: _WritebackThread | None = None   # started at the first hint
@@ -495,16 +499,8 @@ class OsFile:
         if self._staged and start < self._stage_at + self._staged and end > self._stage_at:
             assert self._stage is not None
             holders.append((self._stage, 0, self._stage_at, self._staged))
-        if self._gathering is not None:
-            buf = self._gathering.buf
-            holders += [(buf, at, o, PAGE)
-                        for o, at in _pages_over(self._gathering.pages or {}, start, end)]
-        for j in self._jobs:
-            if j.pages is None:
-                if start < j.offset + j.length and end > j.offset:
-                    holders.append((j.buf, 0, j.offset, j.length))
-            else:
-                holders += [(j.buf, at, o, PAGE) for o, at in _pages_over(j.pages, start, end)]
+        for j in [self._gathering, *self._jobs] if self._gathering else self._jobs:
+            holders += [(j.buf, *piece) for piece in j.over(start, end)]
         return holders
 
     def _settle_over(self, start: int, end: int) -> None:
@@ -514,15 +510,14 @@ class OsFile:
         and random writes waited for the batch in flight over and over."""
         last = 0
         for i, j in enumerate(self._jobs, 1):
-            if (start < j.offset + j.length and end > j.offset if j.pages is None
-                    else _pages_over(j.pages, start, end)):
+            if j.over(start, end):
                 last = i
         if last:
             self._settle(last)
 
     def _overlapped(self, start: int, end: int) -> bool:
-        """Whether a buffered write (staged or handed over) covers any byte
-        of ``[start, end)``."""
+        """Whether a buffered write (staged, gathered or handed over) covers
+        any byte of ``[start, end)``."""
         return bool(self._holders(start, end))
 
     def _held(self, length: int, offset: int) -> bytes | None:
@@ -599,7 +594,7 @@ class OsFile:
             if not self._gather_ok or not self._open_direct():
                 return False
             try:
-                self._page_writes = PageWrites(self._direct_fd)
+                self._page_writes = PageWrites(self._direct_fd, PAGE)
             except OSError as e:
                 log.info("%s: lone page writes go through the page cache (%s)",
                          self.name, e.strerror)
@@ -613,13 +608,12 @@ class OsFile:
         job = self._gathering
         if job is None:
             job = self._gathering = _Job(self._buffer(), 0, 0, {})
-            self._gather_used = 0
         assert job.pages is not None
-        at = self._gather_used
+        at = job.length
         job.buf[at:at + PAGE] = data
         job.pages[offset] = at
-        self._gather_used = at + PAGE
-        if self._gather_used == WRITE_BUFFER_BYTES:
+        job.length = at + PAGE
+        if job.length == WRITE_BUFFER_BYTES:
             self._send_gathered()
 
     def _drop_gathered(self, offset: int, n: int) -> None:
@@ -631,13 +625,13 @@ class OsFile:
         if n == PAGE and not offset % PAGE:
             pages.pop(offset, None)     # the common case, kept short
             return
-        over = _pages_over(pages, offset, offset + n)
+        over = self._gathering.over(offset, offset + n)
         if not over:
             return
         if (offset | n) % PAGE:
             self._send_gathered()
             return
-        for o, _ in over:
+        for _, o, _ in over:
             del pages[o]
 
     def _send_gathered(self) -> None:

@@ -278,7 +278,7 @@ def test_staged_and_handed_over_writes_agree_with_a_model(
     def check_read(offset: int, length: int, step: int) -> None:
         seen["staged"] += f._staged > 0 and f._overlapped(offset, offset + length)
         seen["gathered"] += f._gathering is not None and bool(
-            blockio._pages_over(f._gathering.pages or {}, offset, offset + length))
+            f._gathering.over(offset, offset + length))
         seen["in flight"] += any(not j.done for j in f._jobs)
         want = model[offset:offset + length]
         got = f.pread_cached(length, offset) if rng.random() < 0.5 else f.pread(length, offset)
