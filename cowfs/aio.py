@@ -156,6 +156,11 @@ class DiskReads:
         self._queued.append(i)
         return True
 
+    @property
+    def queued(self) -> int:
+        """Reads queued and not yet handed to the kernel."""
+        return len(self._queued)
+
     def submit(self) -> list[object]:
         """Hand every queued read to the kernel (one system call); the tags
         of those it refused, which are dropped (the caller reads them some

@@ -76,6 +76,10 @@ class PoolFile(Protocol):
         """A token of the read the last :meth:`pread_cached` that answered
         None started (or found started)."""
 
+    def unsent_reads(self) -> int:
+        """How many reads :meth:`pread_cached` started that
+        :meth:`submit_reads` has not yet handed to the disk."""
+
     def submit_reads(self) -> list[object]:
         """Hand the reads :meth:`pread_cached` started to the disk; the
         tokens of those the system refused (asking again reads them)."""
@@ -463,6 +467,9 @@ class OsFile:
 
     def started_read(self) -> object:
         return self._last_started
+
+    def unsent_reads(self) -> int:
+        return self._reads.queued if self._reads is not None else 0
 
     def submit_reads(self) -> list[object]:
         if self._reads is None:
@@ -925,6 +932,9 @@ class SimFile:
 
     def started_read(self) -> object:
         return None
+
+    def unsent_reads(self) -> int:
+        return 0
 
     def submit_reads(self) -> list[object]:
         return []

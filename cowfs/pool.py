@@ -654,6 +654,11 @@ class Pool(SnapshotOps):
         these tokens."""
         return self.data.started_read()
 
+    def unsent_reads(self) -> int:
+        """How many disk reads started since the last :meth:`submit_reads`
+        wait to be handed to the disk."""
+        return self.data.unsent_reads()
+
     def submit_reads(self) -> list[object]:
         """Hand the disk reads started since the last call to the disk; the
         tokens of those the system refused (asking :meth:`read` again reads

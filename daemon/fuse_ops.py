@@ -117,6 +117,14 @@ INVALIDATE_WAIT = 5.0
 # 11 requests at queue depth 16).
 QUEUE_ROUNDS = 64
 
+# Disk reads a read watching the queue lets gather before it stops watching
+# and sends them: the disk starts on them while the rest of the queue is
+# taken up.  Waiting for the whole queue instead left the disk idle
+# meanwhile: 4 KiB cold random reads, depth 16, 12.1-13.2k IOPS against
+# 14.0-16.0k with 8 (4 and 6 in between; 2 worse); depth 32 14.1-14.9k
+# against 16.4k.
+READ_BATCH = 8
+
 # Worker tasks pyfuse3 keeps reading requests even when idle.  With its
 # default (one), a read waiting for the disk held its task, the next request
 # started a new one and the task exited once its read was answered: one task
@@ -1131,9 +1139,10 @@ class VolumeOps(pyfuse3.Operations):
             finished = self._wait_for_disk_read()     # its answer was dropped: again
 
     async def _queue_taken_up(self) -> None:
-        """Return once no request is left queued for this mount (or after
-        ``QUEUE_ROUNDS`` turns of the trio loop, so that a steady stream of
-        requests cannot hold a read back for long).
+        """Return once no request is left queued for this mount, or
+        ``READ_BATCH`` disk reads wait to be sent, or after ``QUEUE_ROUNDS``
+        turns of the trio loop (so that a steady stream of requests cannot
+        hold a read back for long).
 
         A read whose disk read has started waits here before it waits for
         the disk, so that every request queued with it starts its own first.
@@ -1156,7 +1165,7 @@ class VolumeOps(pyfuse3.Operations):
             # Where the queue cannot be watched, one turn is all it waits.
             for _ in range(QUEUE_ROUNDS if self.queue_watched else 1):
                 await trio.lowlevel.checkpoint()
-                if self.queue_empty():
+                if self.queue_empty() or self.pool.unsent_reads() >= READ_BATCH:
                     break
         finally:
             self._queue_gate = None

@@ -40,11 +40,12 @@ def _cold_volume(tmp_path: Path) -> tuple[Pool, int, bytes]:
 
 def _run_reads(ops: fuse_ops.VolumeOps, vid: int,
                read: Callable[[int, int], Awaitable[None]],
-               then: Callable[[], Awaitable[None]]) -> None:
+               then: Callable[[], Awaitable[None]], one_per_turn: bool = False) -> None:
     """In trio, with the daemon's reads that do not wait on: open volume
-    ``vid``, start ``read(fh, block)`` for each of ``READ_BLOCKS``, run
-    ``then()`` and stop.  Skips where the system cannot do such reads (once
-    out of trio: inside, the nursery would make the skip an error)."""
+    ``vid``, start ``read(fh, block)`` for each of ``READ_BLOCKS`` (all at
+    once, or one each turn of the loop, as requests taken up one by one),
+    run ``then()`` and stop.  Skips where the system cannot do such reads
+    (once out of trio: inside, the nursery would make the skip an error)."""
     supported = [True]
 
     async def main() -> None:
@@ -57,6 +58,8 @@ def _run_reads(ops: fuse_ops.VolumeOps, vid: int,
                 info = await ops.open(fuse_ops.VOLUME_INODE_BASE + vid, os.O_RDONLY, None)
                 for b in READ_BLOCKS:
                     nursery.start_soon(read, info.fh, b)
+                    if one_per_turn:
+                        await trio.lowlevel.checkpoint()
                 await then()
             nursery.cancel_scope.cancel()
 
@@ -107,23 +110,28 @@ def test_reads_waiting_for_the_disk_are_answered_after_a_pool_reload(
     pool.close()
 
 
-@pytest.mark.parametrize("cancel_watcher", [False, True])
+@pytest.mark.parametrize("case", ["together", "watcher cancelled", "one per turn"])
 def test_reads_taken_up_meanwhile_go_to_the_disk_with_the_first(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cancel_watcher: bool) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str) -> None:
     """Proves: of 16 cold reads that arrive together, the first watches the
     request queue and, once all 16 have started their disk reads, sends them
     to the disk in one call; the other 15 wait only for their own disk read
     (nobody sends again).  Should the watching request be cancelled while
     it watches, it still sends the others' reads on its way out, and they
-    are answered with the right bytes."""
+    are answered with the right bytes.  Reads taken up one by one go in
+    batches: the watcher sends once ``READ_BATCH`` wait to be sent, before
+    the queue is empty, and the next read watches for the rest."""
     pool, vid, payload = _cold_volume(tmp_path)
     ops = fuse_ops.VolumeOps(pool)
+    cancel_watcher = case == "watcher cancelled"
+    if case != "one per turn":
+        monkeypatch.setattr(fuse_ops, "READ_BATCH", 2 * len(READ_BLOCKS))
     scopes: dict[trio.lowlevel.Task, trio.CancelScope] = {}
     sent: list[int] = []            # reads queued at each send to the disk
     real_submit = DiskReads.submit
 
     def submit(self: DiskReads) -> list[object]:
-        sent.append(len(self._queued))
+        sent.append(self.queued)
         return real_submit(self)
 
     def queue_empty() -> bool:
@@ -146,9 +154,14 @@ def test_reads_taken_up_meanwhile_go_to_the_disk_with_the_first(
             scopes[trio.lowlevel.current_task()] = scope
             answers[b] = await ops.read(fh, b * BLOCK, BLOCK)
 
-    _run_reads(ops, vid, read, lambda: _answered(answers, len(READ_BLOCKS) - cancel_watcher))
+    _run_reads(ops, vid, read, lambda: _answered(answers, len(READ_BLOCKS) - cancel_watcher),
+               one_per_turn=case == "one per turn")
     pool.close()
-    assert sent == [len(READ_BLOCKS)]
+    if case == "one per turn":
+        assert fuse_ops.READ_BATCH <= sent[0] < len(READ_BLOCKS), sent
+        assert sum(sent) == len(READ_BLOCKS) and 0 not in sent, sent
+    else:
+        assert sent == [len(READ_BLOCKS)]
     assert len(answers) == len(READ_BLOCKS) - cancel_watcher
     for b, data in answers.items():
         assert data == payload[b * BLOCK:(b + 1) * BLOCK], f"block {b}"
