@@ -1120,11 +1120,11 @@ class VolumeOps(pyfuse3.Operations):
         (:meth:`_queue_taken_up`) and then sends every disk read started by
         then to the disk in one call; the reads started meanwhile wait only
         for their own disk read, while the thread serves others (before,
-        they also waited for the first one: a wake-up more each, and cold
-        reads at depth 16 cost 87-101 us of daemon CPU each against 70-84
-        with this and :data:`WORKER_TASKS`).  Otherwise it lets the queued
-        requests go first the same way, then waits in a read of its own,
-        blocking the thread.
+        they also waited for the first one: a wake-up more each; cold reads
+        at depth 16 cost 87-101 us of daemon CPU each before this and
+        :data:`WORKER_TASKS`, 71-74 after, in three pairs of runs).  With
+        those reads off, it lets the queued requests go first the same way,
+        then waits in a read of its own, blocking the thread.
         """
         while True:
             if finished is None or not self._async_reads:
