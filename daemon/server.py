@@ -235,6 +235,25 @@ def _is_dir(path: str, what: str) -> bool:
     return True
 
 
+def own_options(extra: Iterable[str]) -> tuple[list[str], float]:
+    """Take cowfs's own mount options out of ``extra`` (the user's ``-o``
+    options): returns the rest, for libfuse, and the polling window in
+    seconds (``poll_us=N``, microseconds; 0 turns polling off; see
+    :meth:`VolumeOps.serve_polling`).  Raises MountError for a bad value."""
+    rest = []
+    poll_us = fuse_ops.POLL_US
+    for option in extra:
+        key, _, value = option.partition("=")
+        if key != "poll_us":
+            rest.append(option)
+            continue
+        if not value.isdigit() or int(value) > fuse_ops.POLL_US_MAX:
+            raise MountError(f"mount option {option!r}: poll_us must be a whole number of "
+                             f"microseconds from 0 to {fuse_ops.POLL_US_MAX}")
+        poll_us = int(value)
+    return rest, poll_us / 1e6
+
+
 def fuse_options(pool_dir: str, extra: Iterable[str] = ()) -> list[str]:
     """The FUSE mount options for serving ``pool_dir``, plus ``extra`` (the
     user's ``-o`` options, one option per item).  Raises MountError for an
@@ -452,6 +471,7 @@ async def _run_mount(session: _Session) -> None:
         nursery.start_soon(session.ops.serve_invalidations)
         nursery.start_soon(session.ops.serve_scrubs)
         nursery.start_soon(session.ops.serve_disk_reads)
+        nursery.start_soon(session.ops.serve_polling)
         nursery.start_soon(_confirm_live, session)
         try:
             await fuse_ops.serve_requests()
@@ -470,9 +490,11 @@ def _serve_mounted(
     pool_dir: str,
     mountpoint: str,
     options: list[str],
+    poll_window: float,
     on_ready: Callable[[], None] | None,
 ) -> bool:
     ops = fuse_ops.VolumeOps(pool)
+    ops.poll_window = poll_window
     # See _watch_signals: no stop signal may act before it can be handled.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
@@ -521,11 +543,12 @@ def serve(
     the caller is expected to exit.
     """
     pool_dir, mountpoint = check_paths(pool_dir, mountpoint)
-    fuse_opts = fuse_options(pool_dir, options)
+    libfuse_options, poll_window = own_options(options)
+    fuse_opts = fuse_options(pool_dir, libfuse_options)
     pool = _open_pool(pool_dir)
     try:
         _clear_dead_mounts(pool_dir, mountpoint)
-        clean = _serve_mounted(pool, pool_dir, mountpoint, fuse_opts, on_ready)
+        clean = _serve_mounted(pool, pool_dir, mountpoint, fuse_opts, poll_window, on_ready)
     except BaseException:
         _close_pool(pool, pool_dir)
         raise
@@ -632,7 +655,7 @@ def start_in_background(
     # Refuse what can be refused before forking.
     pool_dir, mountpoint = check_paths(pool_dir, mountpoint)
     option_list = list(options)
-    fuse_options(pool_dir, option_list)
+    fuse_options(pool_dir, own_options(option_list)[0])
     if log_path is not None:
         log_path = os.path.abspath(log_path)
     existing = {entry.mount_id for entry in mounts_at(mountpoint)}

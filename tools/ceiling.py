@@ -24,7 +24,8 @@ What is mirrored from cowfs, so that the comparison is fair:
   kernel paths as on a cowfs volume;
 * ``fsync`` is answered (a no-op here) rather than refused with ENOSYS, which
   would make the kernel skip it from then on;
-* the request loop: ``pyfuse3.main()`` with its default worker tasks.
+* the request loop: ``pyfuse3.main()`` with its default worker tasks,
+  sleeping between requests (cowfs polls first: its ``poll_us`` option).
 
 It serves until the file is unmounted or SIGTERM, SIGINT or SIGHUP arrives,
 then unmounts and exits with status 0 (1 if the mount failed).
