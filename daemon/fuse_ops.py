@@ -135,11 +135,14 @@ WORKER_TASKS = 32
 
 # After a request that leaves no other queued, the request loop keeps polling
 # for the next one this long (microseconds; mount option poll_us) instead of
-# sleeping at once.  On this project's VM, waking a sleeping daemon cost about
-# as much CPU as polling did, and the wake-up's latency was the larger part:
-# 4 KiB random writes at queue depth 1 went from 10.3-11.4k to 12.1-14.8k IOPS
-# with 100 us, no more daemon CPU a write (69-79 us either way).  Not on a
-# single CPU: there polling only takes time from the client.
+# sleeping at once.  On this project's VM a wake-up from sleep cost the daemon
+# about as much CPU as polling through the gap, and its latency was the larger
+# part of a request's at queue depth 1: 4 KiB random writes there, seven
+# pairs, median 12.9k -> 14.7k IOPS (two pairs not better: 11.7k -> 11.6k,
+# 12.3k -> 8.2k), daemon CPU a write 57-70 -> 55-83 us (98 in the worse
+# pair); through loop-dio 8.7-8.8k -> 11.3-12.7k; cold reads 5.0-5.5k ->
+# 6.3-6.6k.  Not on a single CPU: there polling only takes time from the
+# client.
 POLL_US = 100
 POLL_US_MAX = 10_000
 # How often a daemon allowed only one CPU looks again whether it may poll.

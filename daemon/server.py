@@ -240,7 +240,7 @@ def own_options(extra: Iterable[str]) -> tuple[list[str], float]:
     options): returns the rest, for libfuse, and the polling window in
     seconds (``poll_us=N``, microseconds; 0 turns polling off; see
     :meth:`VolumeOps.serve_polling`).  Raises MountError for a bad value."""
-    rest = []
+    rest: list[str] = []
     poll_us = fuse_ops.POLL_US
     for option in extra:
         key, _, value = option.partition("=")
