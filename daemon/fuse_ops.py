@@ -407,7 +407,7 @@ class VolumeOps(pyfuse3.Operations):
     handlers never raise anything but ``pyfuse3.FUSEError``.
     """
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, poll_window: float = POLL_US / 1e6) -> None:
         super().__init__()
         self.pool = pool
         # Whether no more requests are queued for this mount now, and whether
@@ -421,9 +421,10 @@ class VolumeOps(pyfuse3.Operations):
         self._notify_fd = -1
         self._disk_waiters: dict[object, trio.Event] = {}
         self._queue_gate: trio.Event | None = None
-        # Polling between requests (serve_polling): the window, until when
-        # the current one runs, and the event that wakes the parked poller.
-        self.poll_window = POLL_US / 1e6
+        # Polling between requests (serve_polling): the window in seconds,
+        # until when the current one runs, and the event that wakes the
+        # parked poller.
+        self.poll_window = poll_window
         self._poll_until = 0.0
         self._poller_parked: trio.Event | None = None
         self._root_uid = os.getuid()

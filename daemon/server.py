@@ -493,8 +493,7 @@ def _serve_mounted(
     poll_window: float,
     on_ready: Callable[[], None] | None,
 ) -> bool:
-    ops = fuse_ops.VolumeOps(pool)
-    ops.poll_window = poll_window
+    ops = fuse_ops.VolumeOps(pool, poll_window)
     # See _watch_signals: no stop signal may act before it can be handled.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
