@@ -141,6 +141,10 @@ class Pool(SnapshotOps):
         self.checksum_errors = 0     # checksum mismatches seen since mount
         self.io_errors = 0           # I/O errors from the pool's files since mount
         self.uncached_reads = 0      # reads told not to wait that found data on disk only
+        # Seconds a data read that waits for the disk polls for its data
+        # before it sleeps (OsFile.pread); 0 sleeps at once.  Set by the
+        # daemon, which knows whether a CPU is free for it.
+        self.read_poll = 0.0
         self.closed = False
         self._locked = False
         self._replaying = False
@@ -680,7 +684,7 @@ class Pool(SnapshotOps):
                 self.uncached_reads += 1
                 if wait is False or not wait():
                     return None
-            return self.data.pread(length, sector * SECTOR)
+            return self.data.pread(length, sector * SECTOR, self.read_poll)
         except OSError as e:
             raise self._io_error(e, f"reading {v.label} (data sector {sector})") from None
 

@@ -1236,13 +1236,17 @@ class VolumeOps(pyfuse3.Operations):
         request, then park until a request leaves the queue empty; runs until
         cancelled.  Off with a zero window, where the queue cannot be
         watched (nothing would wake it), and while the daemon may run on one
-        CPU only (checked again every POLL_RECHECK seconds)."""
+        CPU only (checked again every POLL_RECHECK seconds).  A data read
+        that waits for the disk polls for its data as long
+        (:attr:`Pool.read_poll`) under the same conditions."""
         if self.poll_window <= 0 or not self.queue_watched:
             return
         while True:
             if len(os.sched_getaffinity(0)) < 2:
+                self.pool.read_poll = 0.0
                 await trio.sleep(POLL_RECHECK)
                 continue
+            self.pool.read_poll = self.poll_window
             parked = self._poller_parked = trio.Event()
             await parked.wait()
             while time.monotonic() < self._poll_until:

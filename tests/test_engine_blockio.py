@@ -197,10 +197,11 @@ def test_pread_cached_answers_none_for_uncached_data_and_starts_it(tmp_path: Pat
     f.close()
 
 
-def test_pread_cached_without_nowait_support_waits(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Proves: where the kernel refuses RWF_NOWAIT, pread_cached reads and
-    waits, and stops asking after the first refusal."""
+@pytest.mark.parametrize("how", ["pread_cached", "polling pread"])
+def test_reads_without_nowait_support_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           how: str) -> None:
+    """Proves: where the kernel refuses RWF_NOWAIT, pread_cached and pread
+    with ``poll`` read and wait, and stop asking after the first refusal."""
     f = OsStorage(str(tmp_path)).open("data", create=True)
     f.pwrite(b"x" * PAGE, 0)
     drop_cache(f)
@@ -210,10 +211,44 @@ def test_pread_cached_without_nowait_support_waits(tmp_path: Path,
         calls.append(args)
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")
 
+    def read() -> bytes | bytearray | None:
+        return f.pread_cached(PAGE, 0) if how == "pread_cached" else f.pread(PAGE, 0, poll=1.0)
+
     monkeypatch.setattr(blockio.os, "preadv", refuse)
-    assert f.pread_cached(PAGE, 0) == b"x" * PAGE
-    assert f.pread_cached(PAGE, 0) == b"x" * PAGE
+    assert read() == b"x" * PAGE
+    assert read() == b"x" * PAGE
     assert len(calls) == 1, "asked again after the kernel refused"
+    f.close()
+
+
+def test_polling_pread_returns_uncached_data_without_a_blocking_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Proves: pread with ``poll`` answers data that was not in the page
+    cache by asking until it is (not through a blocking pread), exactly the
+    bytes written, also across pages; bytes past the end still read as
+    zeros (that ask never fills the buffer: the blocking read pads)."""
+    f = OsStorage(str(tmp_path)).open("data", create=True)
+    payload = random.Random(7).randbytes(16 * PAGE)
+    f.pwrite(payload, 0)
+    fs = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True,
+                        text=True, check=True).stdout.strip()
+    if fs == "tmpfs":
+        pytest.skip("tmpfs pages are the data: DONTNEED cannot drop them")
+    drop_cache(f)
+    blocking = []
+    real_pread = os.pread
+
+    def counted(fd, n, offset):
+        blocking.append((n, offset))
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(blockio.os, "pread", counted)
+    assert f.pread(PAGE, 5 * PAGE, poll=1.0) == payload[5 * PAGE:6 * PAGE]
+    assert f.pread(PAGE + 512, 10 * PAGE + 1024, poll=1.0) == \
+        payload[10 * PAGE + 1024:11 * PAGE + 1536]
+    assert blocking == [], "polling read fell back to a blocking pread"
+    assert f.pread(PAGE, 16 * PAGE - 512, poll=0.001) == payload[-512:] + bytes(PAGE - 512)
+    assert blocking[:1] == [(PAGE, 16 * PAGE - 512)], "the read past the end was not left to pread"
     f.close()
 
 

@@ -4,8 +4,9 @@ After a request that leaves the queue empty, the daemon's request loop keeps
 polling for the next one for ``poll_us`` microseconds instead of sleeping.
 What can be seen from outside, and is checked here: the request thread
 sleeps far less often per request when a client sends requests one after the
-other; it stops polling once requests stop (an idle daemon uses no CPU); it
-does not poll where it may only run on one CPU; and a bad ``poll_us`` is
+other; a read that waits for the disk polls for its data rather than
+sleeping; it stops polling once requests stop (an idle daemon uses no CPU);
+it does not poll where it may only run on one CPU; and a bad ``poll_us`` is
 refused before anything is mounted.
 """
 
@@ -27,6 +28,8 @@ WRITES = 3000
 GAP = 40e-6     # seconds between one write's answer and the next write
 POLL_ROUNDS = 5
 BLOCK = 4096
+COLD_BLOCKS = 16384     # 64 MiB
+COLD_READS = 300
 
 pytestmark = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
                                 reason="polling is off on a single CPU")
@@ -57,21 +60,31 @@ def _sleeps_per_write(cm: CowfsMount) -> float:
     if not vol.exists():
         vol.touch()
         os.truncate(vol, 64 << 20)
-    pid = cm.daemon_pid()
     data = os.urandom(BLOCK)
-    fd = os.open(vol, os.O_RDWR)
-    try:
-        os.pwrite(fd, data, 0)
-        before = _sleeps(pid)
+
+    def writes(fd: int) -> None:
         for i in range(WRITES):
             os.pwrite(fd, data, (i * 7919 % 16384) * BLOCK)
             start = time.perf_counter()
             while time.perf_counter() - start < GAP:
                 pass
-        after = _sleeps(pid)
+
+    return _sleeps_during(cm, vol, os.O_RDWR, writes) / WRITES
+
+
+def _sleeps_during(cm: CowfsMount, vol: Path, flags: int, requests: Callable[[int], None]) -> int:
+    """The request thread's sleeps while ``requests`` runs on ``vol`` opened
+    with ``flags``, after a first read (a request that leaves the queue
+    empty: polling is on from then)."""
+    pid = cm.daemon_pid()
+    fd = os.open(vol, flags)
+    try:
+        os.pread(fd, BLOCK, 0)
+        before = _sleeps(pid)
+        requests(fd)
+        return _sleeps(pid) - before
     finally:
         os.close(fd)
-    return (after - before) / WRITES
 
 
 def test_request_thread_polls_between_requests(make_cowfs: Callable[..., CowfsMount]) -> None:
@@ -90,6 +103,51 @@ def test_request_thread_polls_between_requests(make_cowfs: Callable[..., CowfsMo
     assert sleeping > 0.7, f"{sleeping:.3f} sleeps a write without polling"
     assert polling < 0.3, (
         f"{polling:.3f} sleeps a write with polling, {sleeping:.3f} without")
+
+
+def _drop_pool_cache(cm: CowfsMount) -> None:
+    """Write the pool files' dirty pages and drop them from the page cache."""
+    for path in cm.pool.iterdir():
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _sleeps_per_cold_read(cm: CowfsMount) -> float:
+    """Read COLD_READS blocks of a volume written in full, at scattered
+    places, one after the other, with the pool's data out of the page cache;
+    count the request thread's sleeps."""
+    vol = cm.mnt / "cold.img"
+    if not vol.exists():
+        with open(vol, "wb") as f:
+            f.write(os.urandom(COLD_BLOCKS * BLOCK))
+            os.fsync(f.fileno())
+    _drop_pool_cache(cm)
+
+    def reads(fd: int) -> None:
+        for i in range(1, COLD_READS + 1):
+            os.pread(fd, BLOCK, (i * 7919 % COLD_BLOCKS) * BLOCK)
+
+    return _sleeps_during(cm, vol, os.O_RDONLY, reads) / COLD_READS
+
+
+def test_lone_cold_read_polls_for_the_disk(make_cowfs: Callable[..., CowfsMount]) -> None:
+    cm = make_cowfs(mount=False)
+    cm.mount("-o", "poll_us=0")
+    sleeping = _sleeps_per_cold_read(cm)
+    cm.umount()
+    # A window well over a disk read here (about 70 us), so that the
+    # disk's speed does not decide the test.
+    cm.mount("-o", "poll_us=5000")
+    polling = min(_sleeps_per_cold_read(cm) for _ in range(POLL_ROUNDS))
+    # Without polling the thread sleeps in its pread (and in epoll_wait).
+    assert sleeping > 0.7, f"{sleeping:.3f} sleeps a cold read without polling"
+    assert polling < 0.3, (
+        f"{polling:.3f} sleeps a cold read with polling, {sleeping:.3f} without")
 
 
 def test_idle_daemon_stops_polling(mounted: CowfsMount) -> None:
