@@ -165,3 +165,39 @@ def test_reads_taken_up_meanwhile_go_to_the_disk_with_the_first(
     assert len(answers) == len(READ_BLOCKS) - cancel_watcher
     for b, data in answers.items():
         assert data == payload[b * BLOCK:(b + 1) * BLOCK], f"block {b}"
+
+
+def test_disk_read_polling_is_off_while_the_daemon_may_run_on_one_cpu(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Proves: the poller gives the pool's reads its window only while the
+    daemon may run on two CPUs or more, and takes it back (0: reads that
+    wait for the disk sleep at once) when it is confined to one, where
+    polling would only take the client's CPU."""
+    pool, _, _ = _cold_volume(tmp_path)
+    ops = fuse_ops.VolumeOps(pool, poll_window=250e-6)
+    ops.queue_watched = True
+    cpus = [{0, 1}]
+    monkeypatch.setattr(fuse_ops.os, "sched_getaffinity", lambda pid: cpus[0])
+    monkeypatch.setattr(fuse_ops, "POLL_RECHECK", 0.01)
+    seen = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ops.serve_polling)
+            await trio.sleep(0.05)
+            seen.append(pool.read_poll)
+            cpus[0] = {1}
+            ops._request_done()     # a request: the poller looks at its CPUs again
+            await trio.sleep(0.05)
+            seen.append(pool.read_poll)
+            cpus[0] = {0, 1}
+            await trio.sleep(0.05)
+            seen.append(pool.read_poll)
+            nursery.cancel_scope.cancel()
+
+    ops.queue_empty = lambda: True
+    try:
+        trio.run(main)
+    finally:
+        pool.close()
+    assert seen == [250e-6, 0.0, 250e-6]
