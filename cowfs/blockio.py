@@ -58,9 +58,11 @@ class PoolFile(Protocol):
 
     def pread(self, length: int, offset: int, poll: float = 0.0) -> bytes | bytearray:
         """Return exactly ``length`` bytes; bytes past the end read as zeros.
-        With ``poll`` (seconds), bytes not in the host's page cache are
-        polled for, the disk read started, for up to that long before the
-        thread sleeps in a blocking read (where the system can)."""
+        With ``poll`` (seconds), where the system can: if the bytes are not
+        all in the host's page cache, start their disk read and ask the
+        cache again and again for up to that long, awake, before sleeping
+        in a blocking read.  (A read past the end never finds them all
+        there: it asks for the whole time.)"""
 
     def pread_cached(self, length: int, offset: int) -> bytes | bytearray | None:
         """What :meth:`pread` returns, if every byte of it is in the host's
