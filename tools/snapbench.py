@@ -263,7 +263,8 @@ def replay_write_iops(r: Run, path: Path, offsets: Sequence[int]) -> float:
     Shared and owned blocks are both written this way: when owned ones were
     written by a ``--runtime`` s fio ``randwrite`` instead (a run ten times
     as long, another fio job), cowfs's shared / owned ratio was 0.82-0.96 in
-    six runs, and 0.93-1.09 in three runs like this, with the same code."""
+    six runs (median 0.89), and 0.84-1.09 in six runs like this (median
+    1.00), with the same code: runs of about 1 s vary that much here."""
     log_path = r.tmp / f"replay-{r.fio_runs + 1:03d}.log"
     with open(log_path, "w") as f:
         f.write(f"fio version 2 iolog\n{path} add\n{path} open\n")
