@@ -176,6 +176,18 @@ def write_file(path: Path, data: bytes, offset: int = 0, fsync: bool = False) ->
         os.close(fd)
 
 
+def drop_page_cache(path: Path) -> None:
+    """Write ``path``'s dirty pages and evict it from the host page cache, so
+    that the next reads of it go to the disk (a pool's ``data`` file: reads
+    through the mount that wait for the disk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def read_file(path: Path, offset: int = 0, length: int = -1) -> bytes:
     """Read ``length`` bytes (all when -1) at ``offset`` of ``path``."""
     with open(path, "rb") as fh:

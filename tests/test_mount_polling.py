@@ -22,7 +22,7 @@ import pytest
 from cowfs_daemon import fuse_ops
 from cowfs_daemon.server import MountError, own_options
 
-from helpers_mount import CowfsMount
+from helpers_mount import CowfsMount, drop_page_cache
 
 WRITES = 3000
 GAP = 40e-6     # seconds between one write's answer and the next write
@@ -105,28 +105,16 @@ def test_request_thread_polls_between_requests(make_cowfs: Callable[..., CowfsMo
         f"{polling:.3f} sleeps a write with polling, {sleeping:.3f} without")
 
 
-def _drop_pool_cache(cm: CowfsMount) -> None:
-    """Write the pool files' dirty pages and drop them from the page cache."""
-    for path in cm.pool.iterdir():
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
 def _sleeps_per_cold_read(cm: CowfsMount) -> float:
     """Read COLD_READS blocks of a volume written in full, at scattered
-    places, one after the other, with the pool's data out of the page cache;
+    places, one after the other, with the pool's data file out of the page cache;
     count the request thread's sleeps."""
     vol = cm.mnt / "cold.img"
     if not vol.exists():
         with open(vol, "wb") as f:
             f.write(os.urandom(COLD_BLOCKS * BLOCK))
             os.fsync(f.fileno())
-    _drop_pool_cache(cm)
+    drop_page_cache(cm.pool / "data")
 
     def reads(fd: int) -> None:
         for i in range(1, COLD_READS + 1):

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import pytest
 
-from helpers_mount import CowfsMount, write_file
+from helpers_mount import CowfsMount, drop_page_cache, write_file
 
 pytestmark = pytest.mark.mount
 
@@ -49,11 +49,7 @@ def test_uncached_reads_overlap_and_stay_consistent(
     vol = cm.mnt / "v.img"
     write_file(vol, b"".join(content(b, 0) for b in range(BLOCKS)), fsync=True)
     written = {b: 0 for b in range(BLOCKS)}
-    fd = os.open(cm.pool / "data", os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    drop_page_cache(cm.pool / "data")
     lock = threading.Lock()
     errors: list[BaseException] = []
     stop = threading.Event()
