@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from cowfs_tools.bench import (ACCESSES, FILL, KINDS, MiB, PINNED_PROFILES, PROFILES, Bench,
-                               BenchError, Sample, Target, Verdict, load, main, meets, rows, save,
-                               summary, targets_table, verdicts)
+                               BenchError, Sample, Target, Verdict, load, main, meets, pinned_medians,
+                               rows, save, summary, targets_table, verdicts)
 
 
 def _sample(kind: str, access: str, profile: str, value: float, metric: str,
@@ -104,6 +105,24 @@ def test_pinned_cpu_is_an_upper_bound() -> None:
     assert [(v.measure, v.at_most, v.met) for v in found] == [
         (f"file {PINNED_PROFILES[0]}", True, True), (f"file {PINNED_PROFILES[1]}", True, False)]
     assert meets(1.5, 1.5, at_most=True) and not meets(1.51, 1.5, at_most=True)
+
+
+def test_pinned_runs_are_judged_by_their_medians() -> None:
+    """Proves: with several pinned runs, the verdict and the table use the
+    median of each target's runs, so that one slow run does not decide."""
+    pinned = []
+    for rep, (mine, theirs) in enumerate(((24.0, 20.0), (60.0, 21.0), (25.0, 19.0)), 1):
+        for name in PINNED_PROFILES:
+            pinned += [replace(_sample("cowfs", "file", name, 10000 * rep, "iops", us=mine), rep=rep),
+                       replace(_sample("ceiling", "file", name, 30000, "iops", us=theirs), rep=rep)]
+    assert pinned_medians(pinned)[(PINNED_PROFILES[0], "cowfs")] == (20000, 25.0)
+    found = verdicts([], pinned)
+    assert [round(v.value, 3) for v in found] == [1.25, 1.25] and all(v.met for v in found)
+    bench = _bench(("cowfs", "ceiling"))
+    bench.pinned, bench.pin_cpu = pinned, 1
+    text = summary(bench, "fio-test")
+    assert "median of 3 runs" in text
+    assert f"| {PINNED_PROFILES[0]} | 20000 | 25 | 30000 | 20 | 1.25 |" in text
 
 
 def test_targets_without_their_peer_are_left_out() -> None:

@@ -53,14 +53,17 @@ before each run when the system allows it.  The table shows the median of
 ``--reps`` runs and cowfs's throughput divided by each peer's (below 1: cowfs
 is slower).
 
-Last comes one *pinned* pass (unless ``--no-pinned``): fio and the target's
+Last comes the *pinned* pass (unless ``--no-pinned``): fio and the target's
 daemon are pinned to one CPU (the highest this process may use) with
-``taskset``, and ``rand-write-4K`` and ``rand-read-4K`` run once on each file,
-the read after one sequential read of the whole file (so the host page cache
-is warm: the pass is about software cost, not disk waits).  It reports IOPS
-and the daemon's CPU time per request: the growth of utime + stime in
+``taskset``, and ``rand-write-4K`` and ``rand-read-4K`` run ``--reps`` times
+on each file, interleaved like the other runs, each read after one
+sequential read of the whole file (so the host page cache is warm: the pass
+is about software cost, not disk waits).  It reports the medians of IOPS
+and of the daemon's CPU time per request: the growth of utime + stime in
 ``/proc/PID/stat`` (clock ticks, converted to microseconds) divided by the
-number of I/Os fio did.  Daemons are pinned where they run,
+number of I/Os fio did.  (One run each, as before, let one slow run decide:
+cowfs's pinned writes took 37 and 59 us in two such runs of the same code,
+41-43 us in three by hand.)  Daemons are pinned where they run,
 with ``taskset -a -p`` (all threads; threads they start later inherit it):
 the cowfs daemon is the process whose command line is the ``cowfs mount POOL
 MOUNTPOINT`` that forked it (see :func:`cowfs_daemon_pid`); qemu-storage-daemon
@@ -80,7 +83,7 @@ I/O and the summary says so, since its reads may then be served from the page
 cache.
 
 Duration: 4 targets x 3 accesses x 6 profiles x ``--reps`` runs, plus the
-pinned pass (2 profiles x 4 targets), each ``--runtime`` seconds plus about
+pinned pass (2 profiles x 4 targets x ``--reps``), each ``--runtime`` seconds plus about
 0.6 s for fio's start, the final fsync and the cache drop, plus about 15 s
 for set-up and the four fills at 1 GiB.  With the defaults (1 GiB, 6 s,
 2 repetitions: 152 runs) that is about 17 minutes on a 2-CPU VM (a full
@@ -451,10 +454,10 @@ def cpu_ticks(pid: int) -> int:
 
 
 def pinned_pass(bench: Bench) -> None:
-    """With fio and each daemon on one CPU, run the random QD1 profiles once
-    on each file (the read after a warm-up read of the whole file, the write
-    from a cold cache like the other runs) and record IOPS and the daemon's
-    CPU time per I/O."""
+    """With fio and each daemon on one CPU, run the random QD1 profiles
+    ``--reps`` times on each file, interleaved (the read after a warm-up read
+    of the whole file, the write from a cold cache like the other runs), and
+    record IOPS and the daemon's CPU time per I/O of every run."""
     cpu = max(os.sched_getaffinity(0))
     bench.pin_cpu = cpu
     pids = {kind: daemon_pid(bench, kind) for kind in bench.args.kinds}
@@ -462,20 +465,35 @@ def pinned_pass(bench: Bench) -> None:
         if pid is not None:
             run(["taskset", "-a", "-p", "-c", str(cpu), str(pid)], f"pinning the {kind} daemon (pid {pid})")
             log.info("pinned the %s daemon (pid %d) to CPU %d", kind, pid, cpu)
-    for profile in (p for p in PROFILES if p.name in PINNED_PROFILES):
-        for kind, pid in pids.items():
-            target = bench.targets[(kind, "file")]
-            if profile.writes:
-                drop_caches(bench)
-            else:
-                fio(bench, target, WARM_UP, timed=False)
-            before = cpu_ticks(pid) if pid is not None else 0
-            s = sample(target, profile, 1, fio(bench, target, profile, timed=True, cpu=cpu))
-            if pid is not None and s.ios:
-                s.daemon_us_per_io = (cpu_ticks(pid) - before) * 1e6 / CLOCK_TICKS / s.ios
-            bench.pinned.append(s)
-            log.info("pinned %-13s %-7s %s, %s us/request", profile.name, kind,
-                     human(s.iops, "iops"), format_us(s.daemon_us_per_io))
+    for rep in range(1, bench.args.reps + 1):
+        for profile in (p for p in PROFILES if p.name in PINNED_PROFILES):
+            for kind, pid in pids.items():
+                target = bench.targets[(kind, "file")]
+                if profile.writes:
+                    drop_caches(bench)
+                else:
+                    fio(bench, target, WARM_UP, timed=False)
+                before = cpu_ticks(pid) if pid is not None else 0
+                s = sample(target, profile, rep, fio(bench, target, profile, timed=True, cpu=cpu))
+                if pid is not None and s.ios:
+                    s.daemon_us_per_io = (cpu_ticks(pid) - before) * 1e6 / CLOCK_TICKS / s.ios
+                bench.pinned.append(s)
+                log.info("pinned %-13s %-7s rep %d: %s, %s us/request", profile.name, kind, rep,
+                         human(s.iops, "iops"), format_us(s.daemon_us_per_io))
+
+
+def pinned_medians(pinned: Sequence[Sample]) -> dict[tuple[str, str], tuple[float, float | None]]:
+    """Per (profile, kind) of the pinned pass: the median IOPS and the
+    median daemon CPU microseconds per request (None without a daemon) of
+    its runs."""
+    runs: dict[tuple[str, str], list[Sample]] = {}
+    for s in pinned:
+        runs.setdefault((s.profile, s.kind), []).append(s)
+    out: dict[tuple[str, str], tuple[float, float | None]] = {}
+    for key, group in runs.items():
+        us = [s.daemon_us_per_io for s in group if s.daemon_us_per_io is not None]
+        out[key] = (statistics.median(s.iops for s in group), statistics.median(us) if us else None)
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -701,13 +719,14 @@ def pinned_table(bench: Bench) -> str:
         head += [f"{k} IOPS", f"{k} us/req"]
     head += ["cowfs/ceiling us/req"] if both else []
     body = []
+    medians = pinned_medians(bench.pinned)
     for name in PINNED_PROFILES:
-        by_kind = {s.kind: s for s in bench.pinned if s.profile == name}
         row = [name]
         for k in kinds:
-            row += [f"{by_kind[k].iops:.0f}", format_us(by_kind[k].daemon_us_per_io)]
+            iops, us = medians[(name, k)]
+            row += [f"{iops:.0f}", format_us(us)]
         if both:
-            mine, theirs = by_kind["cowfs"].daemon_us_per_io, by_kind["ceiling"].daemon_us_per_io
+            mine, theirs = medians[(name, "cowfs")][1], medians[(name, "ceiling")][1]
             row.append(format_ratio(mine / theirs if mine is not None and theirs else None))
         body.append(row)
     return markdown(head, body)
@@ -770,9 +789,10 @@ def verdicts(table_rows: Sequence[Row], pinned: Sequence[Sample]) -> list[Verdic
             add("cowfs/qcow2, 4K random reads", r, r.ratio("qcow2"), 1.0 if r.access == "file" else 0.9)
         if r.metric == "bw" and r.access in ("file", "loop-dio") and "cowfs" in r.medians:
             add("sequential MiB/s", r, r.medians["cowfs"] / MiB, SEQ_FLOOR_MIB, "MiB/s")
+    medians = pinned_medians(pinned)
     for name in PINNED_PROFILES:
-        by_kind = {s.kind: s.daemon_us_per_io for s in pinned if s.profile == name}
-        mine, theirs = by_kind.get("cowfs"), by_kind.get("ceiling")
+        mine = medians.get((name, "cowfs"), (0.0, None))[1]
+        theirs = medians.get((name, "ceiling"), (0.0, None))[1]
         if mine is not None and theirs:
             out.append(Verdict("pinned CPU per request, cowfs/ceiling", f"file {name}",
                                mine / theirs, PINNED_CPU_BOUND, at_most=True))
@@ -813,9 +833,11 @@ def summary(bench: Bench, fio_version: str) -> str:
                    + (f"; {t.note}" if t.note else ""))
     out += ["", table(bench)]
     if bench.pinned:
-        out += ["", f"Pinned pass: fio and each daemon on CPU {bench.pin_cpu}, one {a.runtime} s run "
-                "each, reads after a sequential read of the file (warm host page cache); "
-                "us/req = the daemon's CPU time (user + system) per I/O", "", pinned_table(bench)]
+        runs = max(s.rep for s in bench.pinned)
+        out += ["", f"Pinned pass: fio and each daemon on CPU {bench.pin_cpu}, median of {runs} "
+                f"run{'s' if runs > 1 else ''} of {a.runtime} s each, reads after a sequential read "
+                "of the file (warm host page cache); us/req = the daemon's CPU time (user + system) "
+                "per I/O", "", pinned_table(bench)]
     found = verdicts(rows(bench), bench.pinned)
     if found:
         out += ["", "Targets of the performance issue (ratios as in the tables above; the "
