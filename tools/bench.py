@@ -83,11 +83,12 @@ I/O and the summary says so, since its reads may then be served from the page
 cache.
 
 Duration: 4 targets x 3 accesses x 6 profiles x ``--reps`` runs, plus the
-pinned pass (2 profiles x 4 targets x ``--reps``), each ``--runtime`` seconds plus about
-0.6 s for fio's start, the final fsync and the cache drop, plus about 15 s
+pinned pass (2 profiles x 4 targets x ``--reps``), each ``--runtime``
+seconds plus about 0.6 s for fio's start, the final fsync and the cache
+drop (a pinned read run also reads the file once before), plus about 15 s
 for set-up and the four fills at 1 GiB.  With the defaults (1 GiB, 6 s,
-2 repetitions: 152 runs) that is about 17 minutes on a 2-CPU VM (a full
-run there at 5 s per run took 864 s).
+2 repetitions: 160 runs) that is about 18 minutes on a 2-CPU VM (a full
+run there took 18 min 19 s).
 """
 
 from __future__ import annotations
