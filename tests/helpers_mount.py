@@ -178,8 +178,9 @@ def write_file(path: Path, data: bytes, offset: int = 0, fsync: bool = False) ->
 
 def drop_page_cache(path: Path) -> None:
     """Write ``path``'s dirty pages and evict it from the host page cache, so
-    that the next reads of it go to the disk (a pool's ``data`` file: reads
-    through the mount that wait for the disk)."""
+    that the next reads of it go below it: to the disk for a pool's ``data``
+    file (reads through the mount that wait for the disk), to the daemon
+    for a volume in the mount."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -16,6 +16,7 @@ from helpers_mount import (
     GIB,
     MIB,
     CowfsMount,
+    drop_page_cache,
     first_difference,
     read_file,
     run,
@@ -36,13 +37,6 @@ def settled_allocated(path: Path, pred: Callable[[int], bool]) -> int:
     may serve attributes from its cache for up to the daemon's attr timeout."""
     wait_until(lambda: pred(allocated(path)), 3.0, 0.1)
     return allocated(path)
-
-
-def drop_cache(fd: int) -> None:
-    """Evict the file's clean pages from the page cache so the next reads go
-    to the daemon."""
-    os.fsync(fd)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def assert_zeros(path: Path, start: int, end: int) -> None:
@@ -192,7 +186,7 @@ def test_random_io_matches_model(make_cowfs: Callable[..., CowfsMount], compress
                     f"seed {seed} step {step}: read {length}@{offset} differs at "
                     f"+{first_difference(got, want)}")
             if step % 100 == 99:
-                drop_cache(fd)
+                drop_page_cache(path)
                 assert os.fstat(fd).st_size == len(model)
                 got = os.pread(fd, len(model), 0)
                 assert got == model, f"seed {seed}: content differs at {first_difference(got, model)}"
@@ -230,11 +224,7 @@ def test_shrink_then_grow_reads_zeros(mounted: CowfsMount, cut: int) -> None:
     os.truncate(path, cut)
     assert os.stat(path).st_size == cut
     os.truncate(path, 8 * MIB)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        drop_cache(fd)
-    finally:
-        os.close(fd)
+    drop_page_cache(path)
     for phase in ("live", "remounted"):
         if phase == "remounted":
             mounted.remount()

@@ -89,8 +89,8 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 BLOCK = 4 * KiB
 CLUSTER = 64 * KiB         # qcow2's default cluster size: the stride of the write replays
 # Repetitions of the write runs of part 1 (the table gives medians).
-# Measured when owned blocks were still written by a randwrite run
-# (replay_write_iops): with two (a mean), one run of 11.8k shared-block writes next to 19.4k set
+# Measured while owned blocks were written by a randwrite run (see
+# replay_write_iops): with two (a mean), one run of 11.8k shared-block writes next to 19.4k set
 # the ratio to 0.86; with three, single runs of the same code gave ratios
 # from 0.59 to 1.14 (two of them slow moved the median).  Five, so that two
 # slow runs cannot.
