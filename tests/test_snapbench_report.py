@@ -42,7 +42,7 @@ def test_cowfs_mappings_ratio_is_against_the_reference_timed_beside_it() -> None
     assert ratio.cowfs == pytest.approx(1.3 / 1.2)
     assert ratio.qcow2 == pytest.approx(1.5)          # qcow2 has no reference: part 2's figure
     assert ratio.met() == "met"
-    assert _row(table, "clone, 1 GiB written, timed in turn").cowfs == pytest.approx(1.2)
+    assert _row(table, "clone, 1 GiB written, timed in turn with the line above").cowfs == pytest.approx(1.2)
     assert not [row for row in table if "8 GiB" in row.measure]   # no samples, no row
 
 
