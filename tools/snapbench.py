@@ -20,30 +20,32 @@ directory under ``--dir``, removed when the part ends.
    into its 4 KiB block *and* into its qcow2 cluster (a region written in
    full before the time is up gives a shorter run).  Owned: the rewritten
    region, in another order each repetition.
-2. **Snapshot and clone time**, median of 21 (qcow2: 5), with ``--small`` and ``--large``
-   written; the 1st versus the ``--count``-th snapshot of one volume and
-   clone of one snapshot (medians of the first and of the last 50).  qcow2's
-   internal snapshots slow down as they add up (about 1 ms more per existing
-   snapshot with 8 GiB written), so it takes only ``--qcow2-count`` of each;
-   its overlays all have the image itself as backing file.
+2. **Snapshot and clone time**, median of 21 (qcow2: 5), with ``--small``
+   and ``--large`` written (cowfs's at ``--large`` each in turn with one in
+   a second pool that holds the same volume with ``--small`` written, the
+   *reference*: cowfs's ratio is taken against that, see
+   :func:`cowfs_times`); the 1st versus the ``--count``-th snapshot of one
+   volume and clone of one snapshot (medians of the first and of the last
+   50). qcow2's internal snapshots slow down as they add up (about 1 ms more
+   per existing snapshot with 8 GiB written), so it takes only
+   ``--qcow2-count`` of each; its overlays all have the image itself as
+   backing file.
 3. **Reads through clones.**  fio 4 KiB random reads (psync, QD1, O_DIRECT,
    host page cache dropped before each run) over ``--small`` written on the
    original volume and on clones 1, 8 and ``--depth`` levels deep (qcow2: the
    base image and overlay chains of those depths, data only in the base),
    shallow to deep in one repetition and deep to shallow in the next, four
    repetitions.
-4. **Scattered mappings and metadata.**  Every other 4 KiB block of a volume
+4. **Scattered mappings and metadata.** Every other 4 KiB block of a volume
    of 2 x ``--mappings`` blocks is written through the mount (qcow2: through
-   the export, into an image preallocated in full, see :func:`qcow2_scattered`)
-   with fio ``rw=write:4k``, libaio QD16, O_DIRECT: 2,097,152 mappings over
-   16 GiB by default.  Then: the daemon's VmHWM and VmRSS; snapshot and
-   clone time, each in turn with one in a second pool that holds a volume
-   as in part 2 with ``--small`` written (cowfs's 2M-mappings ratio is
-   taken against that, not against part 2's figure: see
-   :func:`cowfs_times`); the time from ``umount`` until the daemon has
-   exited; the remount time, ``cowfs mount`` (host page cache dropped first) until the
+   the export, into an image preallocated in full, see
+   :func:`qcow2_scattered`) with fio ``rw=write:4k``, libaio QD16, O_DIRECT:
+   2,097,152 mappings over 16 GiB by default. Then: the daemon's VmHWM and
+   VmRSS; snapshot and clone time, each in turn with one of a reference as
+   in part 2; the time from ``umount`` until the daemon has exited; the
+   remount time, ``cowfs mount`` (host page cache dropped first) until the
    volume answers a stat and an O_DIRECT 4 KiB read, and the new daemon's
-   memory.  The qcow2 peer of the remount is starting a fresh export until
+   memory. The qcow2 peer of the remount is starting a fresh export until
    the same answers, and its qemu-storage-daemon's memory.
 
 IOPS runs alternate between cowfs and qcow2 and are repeated twice; the table
@@ -468,7 +470,7 @@ def cowfs_times(r: Run, pool: CowfsPool, vol: str, label: str,
 
     With ``reference`` (a pool and its volume), each snapshot and clone of
     ``vol`` is paired with one of the reference volume, in alternating
-    order, recorded as ``reference``.  The host's fsync latency drifts: in
+    order, recorded as ``LABEL_reference``.  The host's fsync latency drifts: in
     one series of 21 clones the time went from 0.9-1.2 ms to 1.7-2.1 ms
     halfway with nothing in the daemon changing, and the ratio to part 2's
     figure, taken minutes earlier, came out at 1.56 and 0.72 in two runs of
@@ -476,7 +478,7 @@ def cowfs_times(r: Run, pool: CowfsPool, vol: str, label: str,
     os.sync()
     sides = [(pool, vol, label)]
     if reference is not None:
-        sides.append((*reference, "reference"))
+        sides.append((*reference, f"{label}_reference"))
     for op in ("snapshot", "clone"):
         for i in range(TIME_REPS):
             for p, v, lab in sides if i % 2 == 0 else sides[::-1]:
@@ -518,6 +520,17 @@ def qcow2_count(r: Run, image: Path) -> None:
         r.add("qcow2", "clone_each_s", qcow2_create(image.with_name(f"k{i:05d}.qcow2"), backing=image))
 
 
+def reference_volume(r: Run, stack: ExitStack) -> tuple[CowfsPool, str]:
+    """A second pool, mounted for the life of ``stack``, with a volume as
+    part 2's with ``--small`` written: what cowfs's times with ``--large``
+    written and with the scattered mappings are taken in turn with (see
+    :func:`cowfs_times`)."""
+    ref = stack.enter_context(cowfs_pool(r.tmp / "reference"))
+    make_file(ref.mnt / "r.img", 2 * r.args.large)
+    fill(r, ref.mnt / "r.img", 0, r.args.small)
+    return ref, "r.img"
+
+
 def part_snapshots(r: Run) -> None:
     """Snapshot and clone time at ``--small`` and ``--large`` written, and
     the first against the last of ``--count``."""
@@ -526,6 +539,7 @@ def part_snapshots(r: Run) -> None:
              size_label(a.small), size_label(a.large), a.count)
     with ExitStack() as stack:
         pool = stack.enter_context(cowfs_pool(r.tmp / "snapshots"))
+        reference = reference_volume(r, stack)
         make_file(pool.mnt / "vm.img", 2 * a.large)
         image = None
         if r.qcow2:
@@ -533,7 +547,7 @@ def part_snapshots(r: Run) -> None:
             qcow2_create(image, 2 * a.large)
         for label, start, end in (("small", 0, a.small), ("large", a.small, a.large)):
             fill(r, pool.mnt / "vm.img", start, end - start)
-            cowfs_times(r, pool, "vm.img", label)
+            cowfs_times(r, pool, "vm.img", label, reference if label == "large" else None)
             if image:
                 qcow2_fill(image, start, end - start)
                 qcow2_times(r, image, label)
@@ -630,15 +644,14 @@ def cowfs_remount(r: Run, pool: CowfsPool, vol: Path) -> None:
 
 def cowfs_scattered(r: Run) -> None:
     """The cowfs half of part 4."""
-    with cowfs_pool(r.tmp / "reference") as ref, cowfs_pool(r.tmp / "scattered") as pool:
-        # The reference for the time ratio: a volume as in part 2.
-        make_file(ref.mnt / "r.img", 2 * r.args.large)
-        fill(r, ref.mnt / "r.img", 0, r.args.small)
+    with ExitStack() as stack:
+        reference = reference_volume(r, stack)
+        pool = stack.enter_context(cowfs_pool(r.tmp / "scattered"))
         vol = pool.mnt / "s.img"
         make_file(vol, 2 * BLOCK * r.args.mappings)
         scatter(r, vol, r.args.mappings)
         record_memory(r, "cowfs", "written", pool.daemon_pid())
-        cowfs_times(r, pool, "s.img", "scattered", reference=(ref, "r.img"))
+        cowfs_times(r, pool, "s.img", "scattered", reference)
         cowfs_remount(r, pool, vol)
 
 
@@ -755,20 +768,26 @@ def time_rows(f: Figures, a: argparse.Namespace, op: str, peer: str) -> list[Row
     first, last = slice(None, w), slice(-w, None)
     every = slice(None)
     qcow2_last = "" if a.qcow2_count == a.count else f" (qcow2: {a.qcow2_count - w + 1}–{a.qcow2_count})"
-    # cowfs's scattered times are compared with a reference timed in turn
-    # with them (see cowfs_times); qcow2's with part 2's.
-    mapped = (f.ratio((f"{op}_scattered_s", every), (f"{op}_reference_s", every))[0],
-              f.ratio((f"{op}_scattered_s", every), (f"{op}_small_s", every))[1])
+
+    def against_small(label: str) -> tuple[float | None, ...]:
+        # cowfs's figure against its reference, timed in turn with it (see
+        # cowfs_times); qcow2's against its figure with --small written.
+        return (f.ratio((f"{op}_{label}_s", every), (f"{op}_{label}_reference_s", every))[0],
+                f.ratio((f"{op}_{label}_s", every), (f"{op}_small_s", every))[1])
+
+    def reference(label: str) -> Row:
+        return Row(f"{op}, {small} written, timed in turn with the line above: reference (cowfs)",
+                   "ms", f.get("cowfs", f"{op}_{label}_reference_s", 1000), None)
     return [
         Row(f"{op} ({peer}), {small} written", "ms", *f.both(f"{op}_small_s", 1000), ("<=", 20)),
         Row(f"{op}, {large} written", "ms", *f.both(f"{op}_large_s", 1000), ("<=", 20)),
+        reference("large"),
         Row(f"{op}, {mappings}", "ms", *f.both(f"{op}_scattered_s", 1000), ("<=", 20)),
-        Row(f"{op}, {small} written, timed in turn with the line above: reference (cowfs)",
-            "ms", f.get("cowfs", f"{op}_reference_s", 1000), None),
-        Row(f"{op} ratio {large} / {small}", "ratio",
-            *f.ratio((f"{op}_large_s", every), (f"{op}_small_s", every)), ("<=", 1.5)),
+        reference("scattered"),
+        Row(f"{op} ratio {large} / {small} (cowfs: / reference)", "ratio",
+            *against_small("large"), ("<=", 1.5)),
         Row(f"{op} ratio {a.mappings:,} mappings / {small} (cowfs: / reference)", "ratio",
-            *mapped, ("<=", 1.5)),
+            *against_small("scattered"), ("<=", 1.5)),
         Row(f"{op}s 1–{w} (median)", "ms", *f.both(f"{op}_each_s", 1000, first)),
         Row(f"{op}s {a.count - w + 1}–{a.count}{qcow2_last} (median)", "ms",
             *f.both(f"{op}_each_s", 1000, last)),
