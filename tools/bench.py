@@ -88,10 +88,10 @@ seconds plus about 0.6 s for fio's start, the final fsync and the cache
 drop (a pinned read run also reads the file once before), plus about 15 s
 for set-up and the four fills at 1 GiB.  With the defaults (1 GiB, 6 s,
 3 repetitions: 240 runs) that is about 27 minutes on a 2-CPU VM (two
-full runs there took 27 min 25 s and 27 min 14 s).  Three, not two: the median
-of two is their mean, and one slow run of two moved cowfs's pinned write
-figure from 40 to 46 us and the file's depth-16 write ratio from 0.75 to
-0.67 between two runs of the same code.
+full runs there took 27 min 25 s and 27 min 14 s).  Three, not two: the
+median of two is their mean, so a slow run moves it by half its distance;
+with two, runs of the same code gave cowfs's pinned writes 40 and 46 us
+and the file's depth-16 write ratio 0.75 and 0.67.
 """
 
 from __future__ import annotations
