@@ -114,6 +114,12 @@ class Pool(SnapshotOps):
         self.meta = storage.open(META_FILE)
         self.data = storage.open(DATA_FILE)
         self.jfile = storage.open(JOURNAL_FILE)
+        # Open for the pool's life, not per checkpoint: a file whose 4 KiB
+        # write went out through native AIO (OsFile gathers lone pages) ends
+        # its AIO context at close, and io_destroy waits 30-43 ms for the
+        # kernel; that wait was most of every checkpoint, with the request
+        # loop stopped.
+        self.sbf = storage.open(SUPERBLOCK_FILE)
         self.journal = Journal(self.jfile, sb.journal_size, sb.gen, self.label)
         self.drc = RefTable()
         self.mrc = RefTable()
@@ -190,11 +196,9 @@ class Pool(SnapshotOps):
                             flags=FLAG_COMPRESSION if compression else 0, uuid=new_uuid(),
                             gen=0, blob_addr=0, blob_len=0, blob_csum=0,
                             journal_size=journal_size, created_ns=time.time_ns())
-            sbf = storage.open(SUPERBLOCK_FILE)
-            sbf.pwrite(bytes(2 * BLOCK), 0)
-            sbf.sync()
-            sbf.close()
             pool = cls(storage, sb)
+            pool.sbf.pwrite(bytes(2 * BLOCK), 0)
+            pool.sbf.sync()
             pool.mrc.grow(1)
             pool.mrc.set_marker(0, SYSTEM)   # unit 0 is the null node address
             pool._grow_meta()
@@ -362,7 +366,7 @@ class Pool(SnapshotOps):
                     or self.times_dirty)
 
     def _close_files(self) -> None:
-        for f in (self.meta, self.data, self.jfile):
+        for f in (self.meta, self.data, self.jfile, self.sbf):
             f.close()
 
     # -- volumes ----------------------------------------------------------------
@@ -1213,21 +1217,17 @@ class Pool(SnapshotOps):
         sb = Superblock(version=self.sb.version, flags=self.sb.flags, uuid=self.sb.uuid,
                         gen=gen, blob_addr=start, blob_len=len(raw), blob_csum=checksum(raw),
                         journal_size=self.sb.journal_size, created_ns=self.sb.created_ns)
-        sbf = self.storage.open(SUPERBLOCK_FILE)
+        # A failed write leaves the slot torn at worst, which its checksum
+        # rules out: the previous checkpoint stays the newest.
+        self.sbf.pwrite(sb.encode(), (gen % 2) * BLOCK)
         try:
-            # A failed write leaves the slot torn at worst, which its checksum
-            # rules out: the previous checkpoint stays the newest.
-            sbf.pwrite(sb.encode(), (gen % 2) * BLOCK)
-            try:
-                sbf.sync()
-            except OSError as e:
-                # Whether the new superblock reached the disk is unknown: a
-                # reload would read it from the cache and start a journal that
-                # a power cut could pair with the previous one.  Serve reads.
-                self._lose_changes(e)
-                raise
-        finally:
-            sbf.close()
+            self.sbf.sync()
+        except OSError as e:
+            # Whether the new superblock reached the disk is unknown: a
+            # reload would read it from the cache and start a journal that
+            # a power cut could pair with the previous one.  Serve reads.
+            self._lose_changes(e)
+            raise
         # Committed.  What only the previous checkpoint used is free now.
         self.sb = sb
         for u in retired + self.blob_units:
