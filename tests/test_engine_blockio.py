@@ -633,9 +633,9 @@ def test_checkpoints_keep_the_pool_files_open(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Proves, on a pool on real files: checkpoints neither open nor close
     a pool file (closing the superblock file after its gathered 4 KiB write
-    waited 30-43 ms in io_destroy, and the request loop with it, at every
-    checkpoint), and each still switches the superblock: a remount finds
-    the last checkpoint's generation and the data written before it."""
+    took 25-53 ms, mostly io_destroy, and the request loop waited with it,
+    at every checkpoint), and each still switches the superblock: a remount
+    finds the last checkpoint's generation and the data written before it."""
     storage = OsStorage(str(tmp_path))
     Pool.mkfs(storage, compression=False)
     pool = Pool.open(storage)
@@ -654,7 +654,7 @@ def test_checkpoints_keep_the_pool_files_open(tmp_path: Path,
     monkeypatch.setattr(storage, "open", counted_open)
     monkeypatch.setattr(blockio.OsFile, "close", counted_close)
     rng = random.Random(5)
-    written = {}
+    written: dict[int, bytes] = {}
     gen = pool.sb.gen
     for i in range(3):
         written[i] = rng.randbytes(PAGE)
