@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import struct
+import threading
 import time
 from array import array
 from bisect import bisect_left
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 import lz4.block
 
-from .blockio import Storage
+from .blockio import PoolFile, Storage
 from .btree import KEY_END, Entries, NodeStore, Tree
 from .dataset import Dataset, SnapshotInfo, VolumeInfo, validate_name
 from .errors import ChecksumError, FormatError, PoolError
@@ -366,8 +367,29 @@ class Pool(SnapshotOps):
                     or self.times_dirty)
 
     def _close_files(self) -> None:
-        for f in (self.meta, self.data, self.jfile, self.sbf):
-            f.close()
+        """Close the four pool files, each even if another fails; the
+        first failure is raised once all are closed.
+
+        The closes run side by side: a file that made native AIO contexts
+        (for gathered page writes or reads) frees each at close, and
+        io_destroy took 29-47 ms on the development VM; one after the other
+        the four made up most of an unmount (0.16 s)."""
+        errors: list[BaseException] = []
+
+        def close(f: PoolFile) -> None:
+            try:
+                f.close()
+            except BaseException as e:   # raised below, in the caller's thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=close, args=(f,), name="closing pool files")
+                   for f in (self.meta, self.data, self.jfile, self.sbf)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
 
     # -- volumes ----------------------------------------------------------------
 

@@ -671,3 +671,30 @@ def test_checkpoints_keep_the_pool_files_open(tmp_path: Path,
     for i, data in written.items():
         assert pool.read(vid, i * PAGE * 16, PAGE) == data
     pool.close()
+
+
+def test_pool_close_closes_every_file_when_one_fails(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Proves: a pool's close (its files closed side by side, see
+    Pool._close_files) closes all four files even when one of them fails,
+    and raises that failure afterwards."""
+    storage = OsStorage(str(tmp_path))
+    Pool.mkfs(storage, compression=False)
+    pool = Pool.open(storage)
+    pool.write(pool.create_volume("disk", 1 << 20).id, 0, b"x" * PAGE)
+    pool.sync()
+    closed: list[str] = []
+    real_close = blockio.OsFile.close
+
+    def close_or_fail(self: blockio.OsFile) -> None:
+        real_close(self)
+        closed.append(self.name)
+        if self.name == "meta":
+            raise OSError(errno.EIO, "injected EIO at close")
+
+    monkeypatch.setattr(blockio.OsFile, "close", close_or_fail)
+    with pytest.raises(OSError) as info:
+        pool.close()
+    assert info.value.errno == errno.EIO
+    assert sorted(closed) == ["data", "journal", "meta", "superblock"]
+    assert all(f.fd < 0 for f in (pool.meta, pool.data, pool.jfile, pool.sbf))
